@@ -1,0 +1,136 @@
+"""Coverage audit: what autograd keeps for backward, and what a policy misses.
+
+Runs one training forward under ``torch.autograd.graph.saved_tensors_hooks``
+and records every saved tensor that is not a parameter/buffer of the model:
+its bytes (each storage counted once), dtype, the innermost module running at
+the time and the torch function that saved it. Mesa saves uint8 codes and
+1-bit masks; anything else is an uncompressed activation.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = ['SavedTensorRecord', 'audit_saved_tensors', 'summarize', 'format_audit']
+
+
+@dataclass(frozen=True)
+class SavedTensorRecord:
+    module: str          # qualified name of the innermost running module ('' = root)
+    module_type: str     # its class name
+    op: str              # torch function active when autograd saved it
+    shape: Tuple[int, ...]
+    dtype: str
+    nbytes: int          # 0 when the storage was already counted (a view / re-save)
+    compressed: bool     # Mesa's uint8 codes or packed bit masks
+
+
+class _OpTracker(TorchFunctionMode):
+    """Remembers the innermost torch function being called (for attribution)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack: List[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.stack.append(getattr(func, '__name__', str(func)))
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.stack.pop()
+
+
+def audit_saved_tensors(model: nn.Module, *inputs,
+                        forward_fn: Optional[Callable[[], torch.Tensor]] = None
+                        ) -> List[SavedTensorRecord]:
+    """Run one training forward of ``model`` and list what autograd saved.
+
+    Args:
+        model (nn.Module): the model; it is put in training mode for the call
+            and restored afterwards. Like any training forward this updates
+            running statistics (BatchNorm, Mesa ranges).
+        *inputs: passed to ``model`` when ``forward_fn`` is None.
+        forward_fn (callable, optional): runs the forward (e.g. model + loss) and
+            returns anything; use it for models with dict inputs. Default: None.
+
+    Returns:
+        list[SavedTensorRecord]: in the order autograd saved them.
+    """
+    owned = {t.untyped_storage().data_ptr()
+             for t in list(model.parameters()) + list(model.buffers()) if t.numel()}
+    names = {id(m): (n, type(m).__name__) for n, m in model.named_modules()}
+    module_stack: List[Tuple[str, str]] = []
+    seen: set = set()
+    records: List[SavedTensorRecord] = []
+    tracker = _OpTracker()
+
+    def pre_hook(module, args):
+        module_stack.append(names.get(id(module), ('?', type(module).__name__)))
+
+    def post_hook(module, args, output):
+        module_stack.pop()
+
+    def pack(t: torch.Tensor):
+        if t.numel() == 0 or t.device.type == 'meta':
+            return t
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in owned:
+            return t
+        fresh = ptr not in seen
+        seen.add(ptr)
+        module, module_type = module_stack[-1] if module_stack else ('', type(model).__name__)
+        records.append(SavedTensorRecord(
+            module=module, module_type=module_type,
+            # Custom autograd Functions (the Mesa ops) bypass the function mode.
+            op=tracker.stack[-1] if tracker.stack else module_type,
+            shape=tuple(t.shape), dtype=str(t.dtype).replace('torch.', ''),
+            nbytes=t.untyped_storage().nbytes() if fresh else 0,
+            compressed=t.dtype == torch.uint8))
+        return t
+
+    handles = [m.register_forward_pre_hook(pre_hook) for m in model.modules()]
+    handles += [m.register_forward_hook(post_hook, always_call=True) for m in model.modules()]
+    was_training = model.training
+    model.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), tracker:
+            out = forward_fn() if forward_fn is not None else model(*inputs)
+        del out  # frees the graph and what it saved
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return records
+
+
+def summarize(records: Iterable[SavedTensorRecord], key: Callable[[SavedTensorRecord], str]
+              ) -> Dict[str, Dict[str, int]]:
+    """Bytes per ``key(record)``, split into compressed / uncompressed."""
+    table: Dict[str, Dict[str, int]] = defaultdict(lambda: {'compressed': 0, 'uncompressed': 0})
+    for r in records:
+        table[key(r)]['compressed' if r.compressed else 'uncompressed'] += r.nbytes
+    return dict(table)
+
+
+def format_audit(records: List[SavedTensorRecord], top: int = 20) -> str:
+    """A readable report: totals and the largest uncompressed saved tensors."""
+    mb = 1024 ** 2
+    comp = sum(r.nbytes for r in records if r.compressed)
+    raw = [r for r in records if not r.compressed and r.nbytes]
+    raw_total = sum(r.nbytes for r in raw)
+    lines = [f'saved for backward: {(comp + raw_total) / mb:.1f} MB '
+             f'(compressed {comp / mb:.1f} MB, uncompressed {raw_total / mb:.1f} MB '
+             f'in {len(raw)} tensors)']
+    if raw:
+        lines.append(f'{"MB":>8}  {"dtype":<9} {"op":<22} {"module":<45} shape')
+        for r in sorted(raw, key=lambda r: -r.nbytes)[:top]:
+            lines.append(f'{r.nbytes / mb:8.2f}  {r.dtype:<9} {r.op[:22]:<22} '
+                         f'{(r.module or "<root>")[:45]:<45} {list(r.shape)}')
+        if len(raw) > top:
+            lines.append(f'... {len(raw) - top} more uncompressed tensors')
+    return '\n'.join(lines)

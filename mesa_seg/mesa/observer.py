@@ -1,0 +1,97 @@
+"""Running-estimate quantization ranges (Mesa's "running estimates"), as buffers.
+
+Like torch's ``MovingAverageMinMaxObserver``: state lives in buffers, so it is
+saved in ``state_dict``, moves with ``.to()``, and is ignored by optimizers and
+by DDP's gradient sync. Per group, in every training forward and *before* the
+batch is quantized::
+
+    first batch:  beta = min,  alpha = max - min
+    afterwards:   beta  <- m * beta  + (1 - m) * min
+                  alpha <- m * alpha + (1 - m) * (max - min)       (m = momentum)
+
+Non-finite statistics (a NaN/Inf activation) never enter the estimates: the
+group keeps its previous range, and the range *returned for this batch* is NaN,
+so its dequantized copy is NaN and the gradient shows the fault instead of a
+silently clipped, plausible value. The forward output is exact either way.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .primitives import batch_min_max
+
+__all__ = ['RunningRange']
+
+
+class RunningRange(nn.Module):
+    """EMA of per-group minimum (``running_min``) and range (``running_range``).
+
+    Args:
+        groups (int): number of groups. Default: 1.
+        momentum (float): weight of the old estimate, ``m`` above. Default: 0.9.
+        sync (bool): all-reduce the batch min/max over the default process group
+            before updating, so every rank holds identical estimates. Off by
+            default: estimates only shape the rounding grid of each rank's own
+            saved activations, and syncing costs two collectives per layer per
+            step. Default: False.
+    """
+
+    def __init__(self, groups: int = 1, momentum: float = 0.9, sync: bool = False):
+        super().__init__()
+        if not isinstance(groups, int) or groups < 1:
+            raise ValueError(f'groups must be a positive int, got {groups!r}')
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f'momentum must be in [0, 1), got {momentum!r}')
+        self.groups = groups
+        self.momentum = momentum
+        self.sync = sync
+        self.register_buffer('running_min', torch.zeros(groups))
+        self.register_buffer('running_range', torch.zeros(groups))
+        # Per group, so a group first seen with non-finite values still initialises
+        # from the first finite batch.
+        self.register_buffer('initialized', torch.zeros(groups, dtype=torch.bool))
+
+    def extra_repr(self) -> str:
+        return f'groups={self.groups}, momentum={self.momentum}, sync={self.sync}'
+
+    @torch.no_grad()
+    def forward(self, x3: torch.Tensor, update: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(lo, rng)`` to quantize the grouped view ``x3`` with.
+
+        With ``update`` the estimates first absorb this batch's statistics (call
+        it so only in training forward). No host synchronisation.
+        """
+        bmin, bmax = batch_min_max(x3)
+        if self.sync and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(bmin, op=dist.ReduceOp.MIN)
+            dist.all_reduce(bmax, op=dist.ReduceOp.MAX)
+        brange = bmax - bmin
+        finite = torch.isfinite(bmin) & torch.isfinite(bmax)
+        if update:
+            m = self.momentum
+            ema_min = torch.where(self.initialized, m * self.running_min + (1 - m) * bmin, bmin)
+            ema_range = torch.where(self.initialized,
+                                    m * self.running_range + (1 - m) * brange, brange)
+            self.running_min.copy_(torch.where(finite, ema_min, self.running_min))
+            self.running_range.copy_(torch.where(finite, ema_range, self.running_range))
+            self.initialized.logical_or_(finite)
+        nan = torch.full_like(bmin, float('nan'))
+        # Uninitialised groups (eval of a fresh module) fall back to this batch's range.
+        lo = torch.where(self.initialized, self.running_min, bmin)
+        rng = torch.where(self.initialized, self.running_range, brange)
+        return torch.where(finite, lo, nan), torch.where(finite, rng, nan)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+        # A plain torch / FP32 checkpoint has no estimates: they initialise from the
+        # first training batch, so their absence is not an error even when strict.
+        for name in ('running_min', 'running_range', 'initialized'):
+            key = prefix + name
+            if key in missing_keys:
+                missing_keys.remove(key)

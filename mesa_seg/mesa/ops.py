@@ -1,0 +1,298 @@
+"""Mesa autograd ops: exact forward, 8-bit saved activations, dequantized backward.
+
+Every op follows one pattern:
+
+* forward runs the same aten op torch runs (the output is exact), under the same
+  dtype rules autocast would apply (we cast explicitly, then disable autocast);
+* it saves only the quantized input (``Packed``: uint8 codes + per-group range)
+  plus parameters and tiny per-row statistics (LayerNorm mean/rstd, BatchNorm
+  batch mean/invstd) — ReLU saves a 1-bit mask;
+* backward dequantizes and calls torch's own backward kernels.
+
+The functional entry points take the layer's :class:`ActivationQuantizer`,
+which owns the running range; the modules in :mod:`.modules` call them only in
+training mode.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.autograd import Function
+
+from .primitives import pack_bits, unpack_bits
+from .quantizer import ActivationQuantizer, Packed
+
+__all__ = ['linear', 'conv2d', 'layer_norm', 'gelu', 'softmax', 'matmul', 'batch_norm', 'relu']
+
+
+# ----------------------------------------------------------------- dtype rules
+def _compute_dtype(x: torch.Tensor, autocast_to: str) -> torch.dtype:
+    """The dtype torch's autocast would run this op in.
+
+    ``'lower'``: matmul-like ops (linear, conv, matmul) run in the autocast dtype.
+    ``'fp32'``: layer_norm and softmax are upcast to float32 by CUDA autocast
+    (CPU autocast keeps their input dtype). ``'same'``: input dtype.
+    """
+    dev = x.device.type
+    if autocast_to == 'same' or not torch.is_autocast_enabled(dev):
+        return x.dtype
+    if autocast_to == 'lower':
+        return torch.get_autocast_dtype(dev)
+    return x.dtype if dev == 'cpu' else torch.float32
+
+
+def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _no_autocast(x: torch.Tensor):
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.autocast(dev, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _save(ctx, packed: Packed, *others):
+    ctx.save_for_backward(*packed.tensors, *others)
+
+
+def _load(ctx):
+    saved = ctx.saved_tensors
+    return Packed(*saved[:3]), saved[3:]
+
+
+# ---------------------------------------------------------------------- linear
+class _Linear(Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, quantizer: ActivationQuantizer):
+        dt = _compute_dtype(x, 'lower')
+        with _no_autocast(x):
+            xc = _cast(x, dt)
+            y = F.linear(xc, _cast(weight, dt), _cast(bias, dt))
+        _save(ctx, quantizer.pack(xc), weight)
+        ctx.meta = (xc.shape, dt, x.dtype, bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        packed, (weight,) = _load(ctx)
+        shape, dt, x_dtype, has_bias = ctx.meta
+        gx = gw = gb = None
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        if ctx.needs_input_grad[0]:
+            gx = gy.matmul(_cast(weight, dt)).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            x_hat = ActivationQuantizer.unpack(packed, shape, dt)
+            # One GEMM over all tokens: no per-sample weight gradients.
+            gw = gy2.t().mm(x_hat.reshape(-1, shape[-1])).to(weight.dtype)
+        if has_bias and ctx.needs_input_grad[2]:
+            gb = gy2.sum(0).to(weight.dtype)
+        return gx, gw, gb, None
+
+
+def linear(x, weight, bias, quantizer):
+    """``F.linear`` that saves its input in 8 bits (channel groups on the last dim)."""
+    return _Linear.apply(x, weight, bias, quantizer)
+
+
+# ---------------------------------------------------------------------- conv2d
+class _Conv2d(Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, quantizer):
+        dt = _compute_dtype(x, 'lower')
+        with _no_autocast(x):
+            xc = _cast(x, dt)
+            y = F.conv2d(xc, _cast(weight, dt), _cast(bias, dt), stride, padding, dilation, groups)
+        _save(ctx, quantizer.pack(xc), weight)
+        ctx.meta = (xc.shape, dt, x.dtype, bias is not None, stride, padding, dilation, groups)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        packed, (weight,) = _load(ctx)
+        shape, dt, x_dtype, has_bias, stride, padding, dilation, groups = ctx.meta
+        need = ctx.needs_input_grad
+        x_hat = ActivationQuantizer.unpack(packed, shape, dt)
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            gy, x_hat, _cast(weight, dt), [weight.shape[0]] if has_bias else None,
+            stride, padding, dilation, False, [0, 0], groups,
+            [need[0], need[1], has_bias and need[2]])
+        return (None if gx is None else gx.to(x_dtype),
+                None if gw is None else gw.to(weight.dtype),
+                None if gb is None else gb.to(weight.dtype),
+                None, None, None, None, None)
+
+
+def conv2d(x, weight, bias, stride, padding, dilation, groups, quantizer):
+    """``F.conv2d`` (int padding) that saves its input in 8 bits (channel groups)."""
+    return _Conv2d.apply(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation),
+                         groups, quantizer)
+
+
+# ------------------------------------------------------------------ layer_norm
+class _LayerNorm(Function):
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, bias, eps, quantizer):
+        dt = _compute_dtype(x, 'fp32')
+        with _no_autocast(x):
+            xc = _cast(x, dt)
+            y, mean, rstd = torch.native_layer_norm(xc, normalized_shape, weight, bias, eps)
+        _save(ctx, quantizer.pack(xc), mean, rstd, weight, bias)
+        ctx.meta = (xc.shape, dt, x.dtype, tuple(normalized_shape))
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        packed, (mean, rstd, weight, bias) = _load(ctx)
+        shape, dt, x_dtype, normalized_shape = ctx.meta
+        need = ctx.needs_input_grad
+        x_hat = ActivationQuantizer.unpack(packed, shape, dt)
+        gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
+            gy.contiguous(), x_hat, normalized_shape, mean, rstd, weight, bias,
+            [need[0], weight is not None and need[2], bias is not None and need[3]])
+        return (None if gx is None else gx.to(x_dtype), None, gw, gb, None, None)
+
+
+def layer_norm(x, normalized_shape: Sequence[int], weight, bias, eps: float, quantizer):
+    """``F.layer_norm`` saving its input in 8 bits (+ fp32 mean/rstd per row)."""
+    return _LayerNorm.apply(x, list(normalized_shape), weight, bias, eps, quantizer)
+
+
+# ------------------------------------------------------------------------ gelu
+class _GELU(Function):
+    @staticmethod
+    def forward(ctx, x, approximate, quantizer):
+        y = F.gelu(x, approximate=approximate)
+        _save(ctx, quantizer.pack(x))
+        ctx.meta = (x.shape, x.dtype, approximate)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        packed, _ = _load(ctx)
+        shape, dtype, approximate = ctx.meta
+        x_hat = ActivationQuantizer.unpack(packed, shape, dtype)
+        return torch.ops.aten.gelu_backward(gy, x_hat, approximate=approximate), None, None
+
+
+def gelu(x, approximate: str, quantizer):
+    """``F.gelu``; the derivative is evaluated at the dequantized input."""
+    return _GELU.apply(x, approximate, quantizer)
+
+
+# --------------------------------------------------------------------- softmax
+class _Softmax(Function):
+    @staticmethod
+    def forward(ctx, x, dim, quantizer):
+        dt = _compute_dtype(x, 'fp32')
+        with _no_autocast(x):
+            y = torch.softmax(_cast(x, dt), dim)
+        # Softmax's gradient needs only its output: y * (g - sum(g * y)).
+        _save(ctx, quantizer.pack(y))
+        ctx.meta = (y.shape, y.dtype, x.dtype, dim)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        packed, _ = _load(ctx)
+        shape, dtype, x_dtype, dim = ctx.meta
+        y_hat = ActivationQuantizer.unpack(packed, shape, dtype)
+        gx = torch._softmax_backward_data(gy.to(dtype), y_hat, dim, dtype)
+        return gx.to(x_dtype), None, None
+
+
+def softmax(x, dim: int, quantizer):
+    """``torch.softmax`` saving its output in 8 bits (one group per head on dim 1)."""
+    return _Softmax.apply(x, dim, quantizer)
+
+
+# ---------------------------------------------------------------------- matmul
+class _MatMul(Function):
+    @staticmethod
+    def forward(ctx, a, b, quantizer_a, quantizer_b):
+        dt = _compute_dtype(a, 'lower')
+        with _no_autocast(a):
+            ac, bc = _cast(a, dt), _cast(b, dt)
+            y = torch.matmul(ac, bc)
+        pa, pb = quantizer_a.pack(ac), quantizer_b.pack(bc)
+        ctx.save_for_backward(*pa.tensors, *pb.tensors)
+        ctx.meta = (ac.shape, bc.shape, dt, a.dtype, b.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        saved = ctx.saved_tensors
+        a_shape, b_shape, dt, a_dtype, b_dtype = ctx.meta
+        ga = gb = None
+        gy = gy.to(dt)
+        if ctx.needs_input_grad[0]:
+            b_hat = ActivationQuantizer.unpack(Packed(*saved[3:]), b_shape, dt)
+            ga = gy.matmul(b_hat.transpose(-1, -2)).sum_to_size(a_shape).to(a_dtype)
+        if ctx.needs_input_grad[1]:
+            a_hat = ActivationQuantizer.unpack(Packed(*saved[:3]), a_shape, dt)
+            gb = a_hat.transpose(-1, -2).matmul(gy).sum_to_size(b_shape).to(b_dtype)
+        return ga, gb, None, None
+
+
+def matmul(a, b, quantizer_a, quantizer_b):
+    """``a @ b`` (both >= 2-D) saving both operands in 8 bits (per head on dim 1)."""
+    return _MatMul.apply(a, b, quantizer_a, quantizer_b)
+
+
+# ------------------------------------------------------------------ batch_norm
+class _BatchNorm(Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, quantizer):
+        with _no_autocast(x):
+            y, save_mean, save_invstd = torch.native_batch_norm(
+                x, weight, bias, running_mean, running_var, True, momentum, eps)
+        _save(ctx, quantizer.pack(x), weight, save_mean, save_invstd)
+        ctx.meta = (x.shape, x.dtype, eps, weight is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        packed, (weight, save_mean, save_invstd) = _load(ctx)
+        shape, dtype, eps, affine = ctx.meta
+        need = ctx.needs_input_grad
+        x_hat = ActivationQuantizer.unpack(packed, shape, dtype)
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            gy.contiguous(), x_hat, weight, None, None, save_mean, save_invstd, True, eps,
+            [need[0], affine and need[1], affine and need[2]])
+        return gx, gw, gb, None, None, None, None, None
+
+
+def batch_norm(x, weight, bias, running_mean, running_var, momentum: float, eps: float,
+               quantizer):
+    """Training-mode ``F.batch_norm`` saving its input in 8 bits (channel groups)."""
+    return _BatchNorm.apply(x, weight, bias, running_mean, running_var, momentum, eps,
+                            quantizer)
+
+
+# ------------------------------------------------------------------------ relu
+class _ReLU(Function):
+    @staticmethod
+    def forward(ctx, x, inplace):
+        if inplace:
+            ctx.mark_dirty(x)
+            y = torch.relu_(x)
+        else:
+            y = torch.relu(x)
+        # The gradient needs only sign(y): one bit per element.
+        ctx.save_for_backward(pack_bits(y > 0))
+        ctx.shape = y.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        (packed,) = ctx.saved_tensors
+        mask = unpack_bits(packed, ctx.shape)
+        return gy * mask, None
+
+
+def relu(x, inplace: bool = False):
+    """``F.relu`` saving a 1-bit mask for backward."""
+    return _ReLU.apply(x, inplace)

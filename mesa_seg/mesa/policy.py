@@ -1,0 +1,188 @@
+"""Which layers of a model get Mesa, and the call that converts them.
+
+In the spirit of torchao's ``quantize_(model, config, filter_fn)``: a frozen
+config (:class:`MesaPolicy`, also accepted as a plain dict from an mmengine
+config) and one in-place transform, :func:`mesafy_`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Mapping, Optional, Tuple, Union
+
+from torch import nn
+
+from .modules import (MatMul, MesaBatchNorm2d, MesaConv2d, MesaGELU, MesaLayerNorm,
+                      MesaLinear, MesaMatMul, MesaModule, MesaReLU, MesaSoftmax)
+
+__all__ = ['MesaPolicy', 'LAYER_TYPES', 'mesafy_', 'set_mesa_enabled', 'mesa_modules']
+
+#: policy layer name -> (torch class converted, its Mesa twin)
+LAYER_TYPES: Dict[str, Tuple[type, type]] = {
+    'Linear': (nn.Linear, MesaLinear),
+    'Conv2d': (nn.Conv2d, MesaConv2d),
+    'LayerNorm': (nn.LayerNorm, MesaLayerNorm),
+    'GELU': (nn.GELU, MesaGELU),
+    'Softmax': (nn.Softmax, MesaSoftmax),
+    'MatMul': (MatMul, MesaMatMul),
+    'BatchNorm2d': (nn.BatchNorm2d, MesaBatchNorm2d),
+    'ReLU': (nn.ReLU, MesaReLU),
+}
+SUPPORTED_BITS = (8,)
+
+
+@dataclass(frozen=True)
+class MesaPolicy:
+    """What :func:`mesafy_` converts, and how.
+
+    Args:
+        enabled (bool): False leaves the model untouched (plain FP32 training).
+            Default: True.
+        layers (tuple[str]): layer types to convert, keys of ``LAYER_TYPES``.
+            Default: all.
+        include (tuple[str]): regexes; if given, only modules whose qualified
+            name matches one (``re.search``) are converted. Default: ().
+        exclude (tuple[str]): regexes of module names never converted. Default: ().
+        groups (int | str): quantization groups along the channel/head axis.
+            ``'heads'``: the ``num_heads`` of the innermost enclosing module that
+            has one (the module itself included), 1 where none has. Default: 'heads'.
+        bits (int): stored bits; only 8 is supported. Default: 8.
+        momentum (float): running-range EMA momentum. Default: 0.9.
+        stochastic_rounding (bool): stochastic (unbiased) vs nearest rounding.
+            Default: True.
+        sync_stats (bool): all-reduce range statistics across ranks (identical
+            estimates everywhere, two collectives per layer per step). Default: False.
+    """
+    enabled: bool = True
+    layers: Tuple[str, ...] = tuple(LAYER_TYPES)
+    include: Tuple[str, ...] = ()
+    exclude: Tuple[str, ...] = ()
+    groups: Union[int, str] = 'heads'
+    bits: int = 8
+    momentum: float = 0.9
+    stochastic_rounding: bool = True
+    sync_stats: bool = False
+
+    def __post_init__(self):
+        for name in ('layers', 'include', 'exclude'):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            object.__setattr__(self, name, tuple(value))
+        unknown = [t for t in self.layers if t not in LAYER_TYPES]
+        if unknown:
+            raise ValueError(f'Mesa policy: unknown layer type(s) {unknown}; '
+                             f'choose from {list(LAYER_TYPES)}')
+        if self.groups != 'heads' and not (isinstance(self.groups, int) and self.groups >= 1):
+            raise ValueError(f"Mesa policy: groups must be a positive int or 'heads', "
+                             f'got {self.groups!r}')
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f'Mesa policy: bits={self.bits} is not supported; Mesa stores '
+                             f'activations as uint8 (bits must be one of {SUPPORTED_BITS})')
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f'Mesa policy: momentum must be in [0, 1), got {self.momentum}')
+        for pattern in self.include + self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f'Mesa policy: bad regex {pattern!r}: {err}') from None
+
+    @classmethod
+    def from_cfg(cls, cfg: Union['MesaPolicy', Mapping, None]) -> 'MesaPolicy':
+        """Build from a policy, a plain (config) dict, or None (= defaults)."""
+        if cfg is None:
+            return cls()
+        if isinstance(cfg, cls):
+            return cfg
+        if not isinstance(cfg, Mapping):
+            raise TypeError(f'Mesa policy must be a dict or MesaPolicy, got {type(cfg).__name__}')
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f'Mesa policy: unknown option(s) {unknown}; valid options are '
+                             f'{sorted(known)}')
+        return cls(**dict(cfg))
+
+    def selects(self, name: str) -> bool:
+        """Whether the include/exclude patterns select module ``name``."""
+        if self.include and not any(re.search(p, name) for p in self.include):
+            return False
+        return not any(re.search(p, name) for p in self.exclude)
+
+
+def _resolve_groups(policy: MesaPolicy, name: str, heads: Dict[str, int]) -> int:
+    if policy.groups != 'heads':
+        return policy.groups
+    parts = name.split('.') if name else []
+    for depth in range(len(parts), -1, -1):
+        found = heads.get('.'.join(parts[:depth]))
+        if found is not None:
+            return found
+    return 1
+
+
+def mesafy_(model: nn.Module, policy: Union[MesaPolicy, Mapping, None] = None,
+            filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> nn.Module:
+    """Swap the layers ``policy`` selects for their Mesa twins, in place.
+
+    Parameters are shared (not copied), so outputs stay identical and existing
+    references (e.g. an optimizer) remain valid; torch's ``state_dict`` keys are
+    kept, plus each quantizer's ``running_min``/``running_range``/``initialized``.
+
+    Args:
+        model (nn.Module): the model (or any submodule tree).
+        policy (MesaPolicy | dict | None): see :class:`MesaPolicy`. Default: None.
+        filter_fn (callable, optional): ``filter_fn(module, qualified_name)``
+            returning False keeps a layer in full precision. Default: None.
+
+    Returns:
+        nn.Module: ``model`` (the root itself is replaced only when it is a
+        convertible layer, so use the return value).
+    """
+    policy = MesaPolicy.from_cfg(policy)
+    if not policy.enabled:
+        return model
+    by_type = {LAYER_TYPES[t][0]: LAYER_TYPES[t] for t in policy.layers}
+    heads = {name: mod.num_heads for name, mod in model.named_modules()
+             if isinstance(getattr(mod, 'num_heads', None), int)}
+
+    def convert(module: nn.Module, name: str) -> nn.Module:
+        # Exact type match: subclasses may override forward in ways we cannot see.
+        spec = by_type.get(type(module))
+        if spec is None or not policy.selects(name):
+            return module
+        if filter_fn is not None and not filter_fn(module, name):
+            return module
+        try:
+            return spec[1].from_float(module, groups=_resolve_groups(policy, name, heads),
+                                      momentum=policy.momentum,
+                                      stochastic=policy.stochastic_rounding,
+                                      sync=policy.sync_stats)
+        except ValueError as err:
+            raise ValueError(f"Mesa: cannot convert '{name or type(module).__name__}': "
+                             f'{err}') from None
+
+    converted: Dict[int, nn.Module] = {}  # a layer shared by two parents stays shared
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            full = f'{parent_name}.{child_name}' if parent_name else child_name
+            new = converted.get(id(child)) or convert(child, full)
+            if new is not child:
+                converted[id(child)] = new
+                setattr(parent, child_name, new)
+    return convert(model, '')
+
+
+def mesa_modules(model: nn.Module):
+    """``(name, module)`` for every Mesa module in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MesaModule)]
+
+
+def set_mesa_enabled(model: nn.Module, enabled: bool) -> int:
+    """Turn Mesa on/off in every converted layer; returns how many were switched.
+    Disabled layers run the plain torch op (and save full-precision tensors)."""
+    found = mesa_modules(model)
+    for _, module in found:
+        module.mesa_enabled = bool(enabled)
+    return len(found)

@@ -1,0 +1,3 @@
+"""Registered Mesa backbones (each file adds its import line here)."""
+from .pvt import PVT, MesaPVT  # noqa: F401
+from .pvt_v2 import PVTv2, MesaPVTv2  # noqa: F401
