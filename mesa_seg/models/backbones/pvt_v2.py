@@ -1,0 +1,241 @@
+"""PVTv2 backbone, FP32 and Mesa.
+
+Paper: `PVT v2: Improved Baselines with Pyramid Vision Transformer
+<https://arxiv.org/abs/2106.13797>`_ (Wang et al., CVMJ 2022).
+
+Differences from v1 (``pvt.py``, whose attention, block and backbone base are
+reused): overlapping patch embeddings (7x7/4, then 3x3/2) instead of positional
+embeddings, a 3x3 depth-wise conv inside the MLP, a LayerNorm after every stage,
+and optionally linear spatial-reduction attention (``'b2_li'``: keys/values from
+a 7x7 average-pooled map). Module names follow the authors' release
+(whai362/PVT), so ``pvt_v2_b*.pth`` load unchanged; timm-layout weights are
+converted on load (``mesa_seg.models.checkpoint.timm_pvt_v2_to_official``).
+"""
+from typing import List, Optional, Sequence, Union
+
+import torch
+from mmcv.cnn import build_activation_layer, build_norm_layer
+from mmengine.logging import print_log
+from mmengine.model import BaseModule, ModuleList
+from mmseg.registry import MODELS
+from torch import nn
+
+from ..checkpoint import is_timm_pvt_v2, timm_pvt_v2_to_official
+from .pvt import (HWShape, PatchEmbed, PVTBlock, PyramidVisionTransformerBase,
+                  SpatialReductionAttention, _dropout, _parse_arch, apply_mesa,
+                  nchw_to_nlc, nlc_to_nchw)
+
+
+class LinearSRAttention(SpatialReductionAttention):
+    """Spatial-reduction attention with keys/values from a fixed 7x7 pooled map.
+
+    PVTv2's linear-complexity variant: average pool to ``pool_size`` ->
+    1x1 conv -> LayerNorm -> GELU, then the key/value projection.
+
+    Args:
+        embed_dims (int): Token channels.
+        num_heads (int): Attention heads.
+        pool_size (int): Side of the pooled key/value map. Default: 7.
+        **kwargs: Other arguments of :class:`SpatialReductionAttention`
+            (``sr_ratio`` is ignored).
+    """
+
+    def __init__(self, embed_dims: int, num_heads: int, pool_size: int = 7,
+                 **kwargs):
+        self.pool_size = pool_size
+        super().__init__(embed_dims, num_heads, **kwargs)
+
+    def _build_reduction(self) -> None:
+        self.pool = nn.AdaptiveAvgPool2d(self.pool_size)
+        self.sr = nn.Conv2d(self.embed_dims, self.embed_dims, kernel_size=1)
+        self.norm = nn.LayerNorm(self.embed_dims)
+        self.act = nn.GELU()
+
+    def reduce(self, x: torch.Tensor, hw_shape: HWShape) -> torch.Tensor:
+        x = self.sr(self.pool(nlc_to_nchw(x, hw_shape)))
+        return self.act(self.norm(nchw_to_nlc(x)))
+
+
+class DWConv(nn.Module):
+    """3x3 depth-wise conv on tokens (own module only for the release's
+    ``mlp.dwconv.dwconv`` key)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(
+            channels, channels, 3, padding=1, groups=channels)
+
+    def forward(self, x: torch.Tensor, hw_shape: HWShape) -> torch.Tensor:
+        return nchw_to_nlc(self.dwconv(nlc_to_nchw(x, hw_shape)))
+
+
+class PVTv2Mlp(BaseModule):
+    """MLP of a PVTv2 block: fc1 -> [ReLU] -> 3x3 depth-wise conv -> act -> fc2.
+
+    Args:
+        in_features (int): Input (and output) channels.
+        hidden_features (int): Hidden channels.
+        act_cfg (dict): Activation config. Default: dict(type='GELU').
+        drop_rate (float): Dropout after the activation and fc2. Default: 0.
+        linear (bool): Add the ReLU after fc1 (the linear variant). Default: False.
+        init_cfg (dict, optional): Initialization config. Default: None.
+    """
+
+    def __init__(self,
+                 in_features: int,
+                 hidden_features: int,
+                 act_cfg: dict = dict(type='GELU'),
+                 drop_rate: float = 0.,
+                 linear: bool = False,
+                 init_cfg: Optional[dict] = None):
+        super().__init__(init_cfg=init_cfg)
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.relu = nn.ReLU() if linear else nn.Identity()
+        self.dwconv = DWConv(hidden_features)
+        self.act = build_activation_layer(act_cfg)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop = _dropout(drop_rate)
+
+    def forward(self, x: torch.Tensor, hw_shape: HWShape) -> torch.Tensor:
+        x = self.dwconv(self.relu(self.fc1(x)), hw_shape)
+        x = self.drop(self.act(x))
+        return self.drop(self.fc2(x))
+
+
+@MODELS.register_module()
+class PVTv2(PyramidVisionTransformerBase):
+    """PVTv2 backbone.
+
+    Each stage: overlapping patch embedding (7x7 stride 4, then 3x3 stride 2),
+    transformer blocks with spatial-reduction attention and a depth-wise conv
+    MLP, then a LayerNorm. Returns the NCHW output of the stages listed in
+    ``out_indices`` (strides 4, 8, 16, 32). Any input size works (no
+    positional embedding).
+
+    Args:
+        arch (str | dict): ``'b0'`` .. ``'b5'``, ``'b2_li'``, or a dict with
+            per-stage lists ``embed_dims``, ``depths``, ``num_heads``,
+            ``mlp_ratios``, ``sr_ratios`` (and optionally ``linear``).
+            Default: 'b0'.
+        in_channels (int): Input image channels. Default: 3.
+        qkv_bias (bool): Bias in the q/kv projections. Default: True.
+        drop_rate (float): Dropout rate (projections, MLP). Default: 0.
+        attn_drop_rate (float): Attention dropout rate. Default: 0.
+        drop_path_rate (float): Stochastic depth rate, increased linearly over
+            the blocks up to this value. Default: 0.1.
+        out_indices (Sequence[int] | int): Output stages. Default: (0, 1, 2, 3).
+        frozen_stages (int): Stages to freeze, -1 for none. Default: -1.
+        act_cfg (dict): MLP activation. Default: dict(type='GELU').
+        norm_cfg (dict): Norm of the blocks and stage outputs.
+            Default: dict(type='LN', eps=1e-6).
+        pretrained (str, optional): Deprecated, use ``init_cfg``. Default: None.
+        init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH)``
+            with a local official or timm checkpoint, or None. Default: None.
+    """
+    _common = dict(num_heads=[1, 2, 5, 8], sr_ratios=[8, 4, 2, 1])
+    arch_zoo = {
+        'b0': dict(embed_dims=[32, 64, 160, 256], depths=[2, 2, 2, 2],
+                   mlp_ratios=[8, 8, 4, 4], **_common),
+        'b1': dict(embed_dims=[64, 128, 320, 512], depths=[2, 2, 2, 2],
+                   mlp_ratios=[8, 8, 4, 4], **_common),
+        'b2': dict(embed_dims=[64, 128, 320, 512], depths=[3, 4, 6, 3],
+                   mlp_ratios=[8, 8, 4, 4], **_common),
+        'b2_li': dict(embed_dims=[64, 128, 320, 512], depths=[3, 4, 6, 3],
+                      mlp_ratios=[8, 8, 4, 4], linear=True, **_common),
+        'b3': dict(embed_dims=[64, 128, 320, 512], depths=[3, 4, 18, 3],
+                   mlp_ratios=[8, 8, 4, 4], **_common),
+        'b4': dict(embed_dims=[64, 128, 320, 512], depths=[3, 8, 27, 3],
+                   mlp_ratios=[8, 8, 4, 4], **_common),
+        'b5': dict(embed_dims=[64, 128, 320, 512], depths=[3, 6, 40, 3],
+                   mlp_ratios=[4, 4, 4, 4], **_common),
+    }
+    del _common
+    _arch_keys = ('embed_dims', 'depths', 'num_heads', 'mlp_ratios', 'sr_ratios')
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'b0',
+                 in_channels: int = 3,
+                 qkv_bias: bool = True,
+                 drop_rate: float = 0.,
+                 attn_drop_rate: float = 0.,
+                 drop_path_rate: float = 0.1,
+                 out_indices: Union[int, Sequence[int]] = (0, 1, 2, 3),
+                 frozen_stages: int = -1,
+                 act_cfg: dict = dict(type='GELU'),
+                 norm_cfg: dict = dict(type='LN', eps=1e-6),
+                 pretrained: Optional[str] = None,
+                 init_cfg: Optional[dict] = None):
+        self.arch = _parse_arch(arch, self.arch_zoo, self._arch_keys)
+        depths = self.arch['depths']
+        super().__init__(len(depths), out_indices, frozen_stages, pretrained,
+                         init_cfg)
+        self.embed_dims = self.arch['embed_dims']
+        self.linear = bool(self.arch.get('linear', False))
+
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        cur, channels = 0, in_channels
+        for i, depth in enumerate(depths):
+            dims = self.embed_dims[i]
+            kernel, stride = (7, 4) if i == 0 else (3, 2)
+            setattr(self, f'patch_embed{i + 1}',
+                    PatchEmbed(channels, dims, kernel, stride, kernel // 2))
+            blocks = ModuleList()
+            for j in range(depth):
+                attn_cls = (
+                    LinearSRAttention if self.linear else SpatialReductionAttention)
+                attn = attn_cls(
+                    dims,
+                    self.arch['num_heads'][i],
+                    sr_ratio=self.arch['sr_ratios'][i],
+                    qkv_bias=qkv_bias,
+                    attn_drop_rate=attn_drop_rate,
+                    proj_drop_rate=drop_rate)
+                mlp = PVTv2Mlp(
+                    dims,
+                    int(dims * self.arch['mlp_ratios'][i]),
+                    act_cfg=act_cfg,
+                    drop_rate=drop_rate,
+                    linear=self.linear)
+                blocks.append(
+                    PVTBlock(dims, attn, mlp, dpr[cur + j], norm_cfg=norm_cfg))
+            setattr(self, f'block{i + 1}', blocks)
+            setattr(self, f'norm{i + 1}', build_norm_layer(norm_cfg, dims)[1])
+            cur += depth
+            channels = dims
+
+    def _convert_pretrained(self, state_dict: dict) -> dict:
+        if is_timm_pvt_v2(state_dict):
+            print_log(f'{type(self).__name__}: converting timm-layout weights '
+                      'to the official layout', logger='current')
+            state_dict = timm_pvt_v2_to_official(state_dict)
+        return state_dict
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        outs = []
+        for i in range(self.num_stages):
+            x, hw_shape = getattr(self, f'patch_embed{i + 1}')(x)
+            for block in getattr(self, f'block{i + 1}'):
+                x = block(x, hw_shape)
+            x = nlc_to_nchw(getattr(self, f'norm{i + 1}')(x), hw_shape)
+            if i in self.out_indices:
+                outs.append(x)
+        return outs
+
+
+@MODELS.register_module()
+class MesaPVTv2(PVTv2):
+    """PVTv2 trained with Mesa: activations saved for backward in 8 bits.
+
+    Same arguments and ``state_dict`` keys as :class:`PVTv2` (plus the
+    quantizers' running-range buffers), and the same forward output.
+
+    Args:
+        mesa (dict, optional): Mesa policy (see ``mesa_seg.mesa.mesafy_``), e.g.
+            ``dict(groups='heads')``. None builds a plain FP32 model.
+            Default: dict() (Mesa with default settings).
+        **kwargs: Arguments of :class:`PVTv2`.
+    """
+
+    def __init__(self, mesa: Optional[dict] = dict(), **kwargs):
+        super().__init__(**kwargs)
+        apply_mesa(self, mesa)
