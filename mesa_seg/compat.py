@@ -15,6 +15,7 @@ own ``tools/train.py`` as well. The CPU launch fixes are helpers, called by our
 """
 import importlib.util
 import os
+import pickle
 import subprocess
 import sys
 import types
@@ -92,28 +93,46 @@ def _install_mmcv_ops_stand_in() -> None:
     mmcv.ops = ops
 
 
+def _history_buffer_getattr(obj: Any, name: str) -> Any:
+    """``getattr`` for unpickling, limited to HistoryBuffer's methods.
+
+    Under pickle protocol 2 the statistics methods that mmengine's
+    ``HistoryBuffer.__getstate__`` stores are written as
+    ``getattr(HistoryBuffer, 'min')``; a general getattr is not safe to allow.
+    """
+    from mmengine.logging import HistoryBuffer
+    if obj is HistoryBuffer and not name.startswith('_') and callable(
+            getattr(HistoryBuffer, name, None)):
+        return getattr(HistoryBuffer, name)
+    raise pickle.UnpicklingError(
+        f'checkpoint asks for getattr({obj!r}, {name!r}); only '
+        'HistoryBuffer methods are allowed')
+
+
 def _checkpoint_safe_globals() -> list:
+    """The globals found in mmengine 0.10.7 checkpoints beyond torch's
+    defaults (listed with pickletools from a saved iter_N.pth)."""
     import numpy as np
     from mmengine.logging import HistoryBuffer
-    from mmengine.config import ConfigDict
-
     try:  # numpy >= 2
         from numpy._core.multiarray import _reconstruct, scalar
     except ImportError:  # pragma: no cover - numpy 1.x
         from numpy.core.multiarray import _reconstruct, scalar
-    dtype_classes = [type(np.dtype(t)) for t in np.sctypeDict.values()]
+    dtype_classes = [type(np.dtype(t)) for t in set(np.sctypeDict.values())]
     return [
-        HistoryBuffer, ConfigDict, np.ndarray, np.dtype, _reconstruct, scalar,
-        *dtype_classes
+        HistoryBuffer, np.ndarray, np.dtype, _reconstruct, scalar,
+        *dtype_classes,
+        (_history_buffer_getattr, '__builtin__.getattr'),
+        (_history_buffer_getattr, 'builtins.getattr'),
     ]
 
 
 def _allow_mmengine_checkpoint_types() -> None:
     # torch >= 2.6 loads with weights_only=True; mmengine 0.10.7 calls
     # torch.load without weights_only, and its checkpoints pickle the
-    # message hub (HistoryBuffer, numpy arrays/scalars/dtypes), so resume and
-    # load_from fail. Allowlisting exactly these trusted types keeps the safe
-    # loader on for everything else.
+    # message hub (HistoryBuffer, numpy arrays/scalars/dtypes), so resume
+    # fails. Allowlisting exactly these trusted types keeps the safe loader
+    # on for everything else, and no environment variable is needed.
     if hasattr(torch.serialization, 'add_safe_globals'):
         torch.serialization.add_safe_globals(_checkpoint_safe_globals())
 
