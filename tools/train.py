@@ -1,0 +1,14 @@
+#!/usr/bin/env python
+"""Train a segmentor: mmseg's ``tools/train.py`` interface.
+
+    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
+        [--cfg-options KEY=VALUE ...] [--launcher none|pytorch|slurm]
+
+Logic in :func:`mesa_seg.apis.run_train`.
+"""
+import sys
+
+from mesa_seg.apis import run_train
+
+if __name__ == '__main__':
+    sys.exit(run_train())
