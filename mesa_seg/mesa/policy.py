@@ -29,7 +29,9 @@ LAYER_TYPES: Dict[str, Tuple[type, type]] = {
     'BatchNorm2d': (nn.BatchNorm2d, MesaBatchNorm2d),
     'ReLU': (nn.ReLU, MesaReLU),
 }
+LAYER_TYPES_BY_CLASS = {float_cls: mesa_cls for float_cls, mesa_cls in LAYER_TYPES.values()}
 SUPPORTED_BITS = (8,)
+GROUP_MODES = ('heads', 'channels')
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,12 @@ class MesaPolicy:
         exclude (tuple[str]): regexes of module names never converted. Default: ().
         groups (int | str): quantization groups along the channel/head axis.
             ``'heads'``: the ``num_heads`` of the innermost enclosing module that
-            has one (the module itself included), 1 where none has. Default: 'heads'.
+            has one (the module itself included), 1 where none has.
+            ``'channels'``: one group per input channel for layers that declare
+            their channels (Linear, Conv2d, LayerNorm, BatchNorm2d), 1 for the
+            others — suits conv heads, where BatchNorm's per-channel statistics
+            over few pixels (e.g. pooled 1x1 maps) need per-channel ranges.
+            Default: 'heads'.
         bits (int): stored bits; only 8 is supported. Default: 8.
         momentum (float): running-range EMA momentum. Default: 0.9.
         stochastic_rounding (bool): stochastic (unbiased) vs nearest rounding.
@@ -74,9 +81,10 @@ class MesaPolicy:
         if unknown:
             raise ValueError(f'Mesa policy: unknown layer type(s) {unknown}; '
                              f'choose from {list(LAYER_TYPES)}')
-        if self.groups != 'heads' and not (isinstance(self.groups, int) and self.groups >= 1):
-            raise ValueError(f"Mesa policy: groups must be a positive int or 'heads', "
-                             f'got {self.groups!r}')
+        if self.groups not in GROUP_MODES and not (isinstance(self.groups, int)
+                                                   and self.groups >= 1):
+            raise ValueError(f'Mesa policy: groups must be a positive int or one of '
+                             f'{GROUP_MODES}, got {self.groups!r}')
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f'Mesa policy: bits={self.bits} is not supported; Mesa stores '
                              f'activations as uint8 (bits must be one of {SUPPORTED_BITS})')
@@ -111,9 +119,13 @@ class MesaPolicy:
         return not any(re.search(p, name) for p in self.exclude)
 
 
-def _resolve_groups(policy: MesaPolicy, name: str, heads: Dict[str, int]) -> int:
-    if policy.groups != 'heads':
+def _resolve_groups(policy: MesaPolicy, module: nn.Module, name: str,
+                    heads: Dict[str, int]) -> int:
+    if isinstance(policy.groups, int):
         return policy.groups
+    if policy.groups == 'channels':
+        mesa_cls = LAYER_TYPES_BY_CLASS[type(module)]
+        return mesa_cls._channels(module) or 1
     parts = name.split('.') if name else []
     for depth in range(len(parts), -1, -1):
         found = heads.get('.'.join(parts[:depth]))
@@ -155,7 +167,7 @@ def mesafy_(model: nn.Module, policy: Union[MesaPolicy, Mapping, None] = None,
         if filter_fn is not None and not filter_fn(module, name):
             return module
         try:
-            return spec[1].from_float(module, groups=_resolve_groups(policy, name, heads),
+            return spec[1].from_float(module, groups=_resolve_groups(policy, module, name, heads),
                                       momentum=policy.momentum,
                                       stochastic=policy.stochastic_rounding,
                                       sync=policy.sync_stats)
