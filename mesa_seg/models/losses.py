@@ -1,0 +1,128 @@
+"""Exact, memory-light segmentation loss: fused "resize + cross-entropy".
+
+mmseg upsamples the ¼-resolution logits to label size, then ``F.cross_entropy``
+saves the full-resolution log-probabilities for backward: for ADE20K (150
+classes, 512², batch 2) that is 300 MB per head, more than the whole Mesa
+backbone keeps. :func:`resize_cross_entropy` keeps only the low-resolution
+logits and, in backward, recomputes upsampling + log-softmax one image at a
+time. Nothing is quantized: loss and gradients equal mmseg's up to float
+summation order, and the transient full-resolution tensors of backward are
+1/B of the unfused ones.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.autograd import Function
+
+__all__ = ['resize_cross_entropy', 'fused_loss_supported', 'FusedLossHeadMixin']
+
+
+def _per_image_loss_sum(logits_i: torch.Tensor, label_i: torch.Tensor, size: Tuple[int, int],
+                        align_corners: bool, ignore_index: int) -> torch.Tensor:
+    up = F.interpolate(logits_i, size=size, mode='bilinear', align_corners=align_corners)
+    return F.cross_entropy(up, label_i, reduction='none', ignore_index=ignore_index).sum()
+
+
+class _ResizeCrossEntropy(Function):
+    @staticmethod
+    def forward(ctx, logits, label, align_corners, ignore_index, avg_factor):
+        size = tuple(label.shape[-2:])
+        with torch.no_grad():
+            total = sum(_per_image_loss_sum(logits[i:i + 1], label[i:i + 1], size,
+                                            align_corners, ignore_index)
+                        for i in range(logits.shape[0]))
+        ctx.save_for_backward(logits, label)
+        ctx.meta = (size, align_corners, ignore_index, avg_factor)
+        return total / avg_factor
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, label = ctx.saved_tensors
+        size, align_corners, ignore_index, avg_factor = ctx.meta
+        grad_logits = torch.empty_like(logits)
+        for i in range(logits.shape[0]):
+            with torch.enable_grad():
+                li = logits[i:i + 1].detach().requires_grad_()
+                loss_i = _per_image_loss_sum(li, label[i:i + 1], size, align_corners,
+                                             ignore_index) / avg_factor
+                (grad_logits[i:i + 1],) = torch.autograd.grad(loss_i, li, grad)
+        return grad_logits, None, None, None, None
+
+
+def resize_cross_entropy(logits: torch.Tensor, label: torch.Tensor, align_corners: bool = False,
+                         ignore_index: int = 255, avg_non_ignore: bool = False) -> torch.Tensor:
+    """``mean(CE(bilinear_resize(logits, label.shape), label))`` as mmseg computes it.
+
+    Args:
+        logits (Tensor): ``(B, K, h, w)`` low-resolution class scores.
+        label (Tensor): ``(B, H, W)`` int64 labels.
+        align_corners (bool): as the head's ``align_corners``. Default: False.
+        ignore_index (int): label ignored (zero loss, zero gradient). Default: 255.
+        avg_non_ignore (bool): average over non-ignored pixels (else over all,
+            mmseg's default). Default: False.
+
+    Returns:
+        Tensor: scalar loss.
+    """
+    if avg_non_ignore:
+        avg_factor = float(label.numel() - (label == ignore_index).sum().item())
+    else:
+        avg_factor = float(label.numel())
+    # As mmseg's weight_reduce_loss: sum / (avg_factor + eps).
+    avg_factor += torch.finfo(torch.float32).eps
+    return _ResizeCrossEntropy.apply(logits, label, align_corners, ignore_index, avg_factor)
+
+
+def fused_loss_supported(head) -> Optional[str]:
+    """None if ``head``'s losses can use :func:`resize_cross_entropy`, else why not."""
+    from mmseg.models.losses import CrossEntropyLoss
+    losses = head.loss_decode if isinstance(head.loss_decode, torch.nn.ModuleList) \
+        else [head.loss_decode]
+    if head.sampler is not None:
+        return 'a pixel sampler is configured'
+    for loss in losses:
+        if type(loss) is not CrossEntropyLoss:
+            return f'{type(loss).__name__} is not CrossEntropyLoss'
+        if loss.use_sigmoid or loss.use_mask or loss.class_weight is not None \
+                or loss.reduction != 'mean':
+            return (f'{loss.loss_name} uses sigmoid/mask/class_weight/non-mean reduction')
+    return None
+
+
+class FusedLossHeadMixin:
+    """Replaces a decode head's ``loss_by_feat`` with the fused, exact version.
+
+    Same loss names and values (``loss_ce``, ``acc_seg``) as mmseg's
+    ``BaseDecodeHead.loss_by_feat`` for plain cross-entropy losses.
+    """
+
+    def loss_by_feat(self, seg_logits, batch_data_samples) -> dict:
+        seg_label = self._stack_batch_gt(batch_data_samples).squeeze(1)
+        losses = self.loss_decode if isinstance(self.loss_decode, torch.nn.ModuleList) \
+            else [self.loss_decode]
+        loss = dict()
+        for loss_decode in losses:
+            value = loss_decode.loss_weight * resize_cross_entropy(
+                seg_logits, seg_label, self.align_corners, self.ignore_index,
+                loss_decode.avg_non_ignore)
+            name = loss_decode.loss_name
+            loss[name] = loss[name] + value if name in loss else value
+        with torch.no_grad():  # accuracy needs no graph: upsample one image at a time
+            size = tuple(seg_label.shape[-2:])
+            preds = torch.cat([F.interpolate(seg_logits[i:i + 1], size=size, mode='bilinear',
+                                             align_corners=self.align_corners).argmax(1)
+                               for i in range(seg_logits.shape[0])])
+            loss['acc_seg'] = _accuracy_from_pred(preds, seg_label, self.ignore_index)
+        return loss
+
+
+def _accuracy_from_pred(pred: torch.Tensor, label: torch.Tensor, ignore_index: int):
+    """mmseg's top-1 ``accuracy`` (percent of non-ignored pixels, same eps) from
+    predicted labels instead of full-resolution scores."""
+    eps = torch.finfo(torch.float32).eps
+    valid = label != ignore_index
+    correct = ((pred == label) & valid).sum().float().reshape(1) + eps
+    return correct.mul_(100.0 / (int(valid.sum()) + eps))

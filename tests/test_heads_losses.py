@@ -1,0 +1,204 @@
+"""Mesa for neck/decode heads (MesaEncoderDecoder) and the fused resize+CE loss."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mesa_seg  # noqa: F401  (first: compat must run before mmseg is imported)
+from mmengine.structures import PixelData
+from mmseg.models.losses import accuracy
+from mmseg.registry import MODELS
+from mmseg.structures import SegDataSample
+from mmseg.utils import register_all_modules
+
+from mesa_seg.mesa import MesaBatchNorm2d, MesaConv2d, MesaModule, audit_saved_tensors
+from mesa_seg.models.losses import _accuracy_from_pred, resize_cross_entropy
+
+register_all_modules(init_default_scope=True)
+
+SIZE, NUM_CLASSES, IGNORE = 64, 7, 255
+
+
+def _cosine(a, b):
+    return F.cosine_similarity(a.double().flatten(), b.double().flatten(), 0).item()
+
+
+def _labels(batch=2, size=SIZE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    label = torch.randint(0, NUM_CLASSES, (batch, size, size), generator=g)
+    label[:, :5] = IGNORE  # an ignored band, like ADE20K's "other" under reduce_zero_label
+    return label
+
+
+def _mmseg_loss(logits, label, align_corners, avg_non_ignore):
+    up = F.interpolate(logits, size=label.shape[-2:], mode='bilinear', align_corners=align_corners)
+    loss_fn = MODELS.build(dict(type='CrossEntropyLoss', avg_non_ignore=avg_non_ignore))
+    return loss_fn(up, label, ignore_index=IGNORE)
+
+
+@pytest.mark.parametrize('align_corners', [False, True])
+@pytest.mark.parametrize('avg_non_ignore', [False, True])
+def test_resize_cross_entropy_matches_mmseg(align_corners, avg_non_ignore):
+    torch.manual_seed(0)
+    logits = torch.randn(2, NUM_CLASSES, SIZE // 4, SIZE // 4, requires_grad=True)
+    fused_in = logits.detach().clone().requires_grad_()
+    label = _labels()
+    ref = _mmseg_loss(logits, label, align_corners, avg_non_ignore)
+    fused = resize_cross_entropy(fused_in, label, align_corners, IGNORE, avg_non_ignore)
+    # Same ops, summed per image instead of over the batch: float rounding only.
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-6)
+    ref.backward()
+    fused.backward()
+    torch.testing.assert_close(fused_in.grad, logits.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_resize_cross_entropy_keeps_only_low_resolution_logits():
+    logits = torch.randn(2, NUM_CLASSES, SIZE // 4, SIZE // 4, requires_grad=True)
+    label = _labels()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        resize_cross_entropy(logits, label)
+    float_bytes = sum(t.numel() * t.element_size() for t in saved if t.is_floating_point())
+    assert float_bytes == logits.numel() * 4  # no full-resolution tensor survives forward
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        saved.clear()
+        _mmseg_loss(logits, label, False, False)
+    unfused = sum(t.numel() * t.element_size() for t in saved if t.is_floating_point())
+    assert unfused >= 2 * NUM_CLASSES * SIZE * SIZE * 4  # log-probabilities at label size
+
+
+def test_accuracy_from_pred_matches_mmseg_accuracy():
+    torch.manual_seed(1)
+    scores = torch.randn(2, NUM_CLASSES, SIZE, SIZE)
+    label = _labels()
+    expected = accuracy(scores, label, ignore_index=IGNORE)
+    torch.testing.assert_close(_accuracy_from_pred(scores.argmax(1), label, IGNORE), expected)
+
+
+# ------------------------------------------------------------------ segmentor
+def _segmentor_cfg(mesa=None, fused_loss=True, norm='BN', aux_loss=None):
+    norm_cfg = dict(type=norm, requires_grad=True)
+    return dict(
+        type='MesaEncoderDecoder', mesa=mesa, fused_loss=fused_loss,
+        data_preprocessor=dict(type='SegDataPreProcessor', mean=[123.675, 116.28, 103.53],
+                               std=[58.395, 57.12, 57.375], bgr_to_rgb=True, pad_val=0,
+                               seg_pad_val=IGNORE, size=(SIZE, SIZE)),
+        backbone=dict(type='SwinTransformer', embed_dims=32, depths=[1, 1, 1, 1],
+                      num_heads=[1, 2, 4, 8], window_size=4, drop_path_rate=0.0),
+        decode_head=dict(type='UPerHead', in_channels=[32, 64, 128, 256], in_index=[0, 1, 2, 3],
+                         pool_scales=(1, 2, 3, 6), channels=32, dropout_ratio=0.0,
+                         num_classes=NUM_CLASSES, norm_cfg=norm_cfg, align_corners=False,
+                         loss_decode=dict(type='CrossEntropyLoss', loss_weight=1.0)),
+        auxiliary_head=dict(type='FCNHead', in_channels=128, in_index=2, channels=16,
+                            num_convs=1, concat_input=False, dropout_ratio=0.0,
+                            num_classes=NUM_CLASSES, norm_cfg=norm_cfg, align_corners=False,
+                            loss_decode=aux_loss or dict(type='CrossEntropyLoss',
+                                                         loss_weight=0.4)),
+        train_cfg=dict(), test_cfg=dict(mode='whole'))
+
+
+def _batch(batch=2):
+    torch.manual_seed(2)
+    imgs = torch.randn(batch, 3, SIZE, SIZE)
+    samples = []
+    for label in _labels(batch):
+        sample = SegDataSample()
+        sample.gt_sem_seg = PixelData(data=label[None])
+        sample.set_metainfo(dict(img_shape=(SIZE, SIZE), pad_shape=(SIZE, SIZE)))
+        samples.append(sample)
+    return imgs, samples
+
+
+def _loss_and_grads(model, imgs, samples):
+    model.train()
+    model.zero_grad()
+    losses = model.loss(imgs, samples)
+    total = sum(v for k, v in losses.items() if 'loss' in k)
+    total.backward()
+    return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_mesa_none_is_plain_encoder_decoder():
+    model = MODELS.build(_segmentor_cfg(mesa=None, fused_loss=False))
+    assert not any(isinstance(m, MesaModule) for m in model.modules())
+    plain_cfg = _segmentor_cfg()
+    del plain_cfg['mesa'], plain_cfg['fused_loss']
+    plain = MODELS.build(dict(plain_cfg, type='EncoderDecoder'))
+    assert model.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_mesa_heads_match_fp32_losses_and_gradients():
+    torch.manual_seed(0)
+    ref = MODELS.build(_segmentor_cfg(mesa=None, fused_loss=False))
+    mesa = MODELS.build(_segmentor_cfg(mesa=dict(groups='channels'), fused_loss=True))
+    missing, unexpected = mesa.load_state_dict(ref.state_dict(), strict=True)
+    assert not missing and not unexpected  # an FP32 checkpoint loads strictly
+    # The backbone is untouched (it has its own policy); neck/heads are converted.
+    assert not any(isinstance(m, MesaModule) for m in mesa.backbone.modules())
+    assert isinstance(mesa.decode_head.fpn_bottleneck.conv, MesaConv2d)
+    assert isinstance(mesa.decode_head.fpn_bottleneck.bn, MesaBatchNorm2d)
+    assert isinstance(mesa.auxiliary_head.convs[0].conv, MesaConv2d)
+
+    imgs, samples = _batch()
+    ref_losses, ref_grads = _loss_and_grads(ref, imgs, samples)
+    mesa_losses, mesa_grads = _loss_and_grads(mesa, imgs, samples)
+    assert ref_losses.keys() == mesa_losses.keys()
+    for key in ref_losses:  # forward is exact; fused CE differs by summation order only
+        torch.testing.assert_close(mesa_losses[key], ref_losses[key], rtol=1e-5, atol=1e-5)
+    flat = lambda g: torch.cat([g[k].flatten() for k in sorted(ref_grads)])  # noqa: E731
+    assert mesa_grads.keys() == ref_grads.keys()
+    assert _cosine(flat(mesa_grads), flat(ref_grads)) >= 0.995
+    for part in ('backbone', 'decode_head', 'auxiliary_head'):
+        part_ref = torch.cat([v.flatten() for k, v in ref_grads.items() if k.startswith(part)])
+        part_mesa = torch.cat([v.flatten() for k, v in mesa_grads.items() if k.startswith(part)])
+        assert _cosine(part_mesa, part_ref) >= 0.995, part
+
+
+def test_mesa_heads_reduce_saved_bytes():
+    imgs, samples = _batch()
+    totals = {}
+    for name, mesa in (('fp32', None), ('mesa', dict(groups='channels'))):
+        torch.manual_seed(0)
+        model = MODELS.build(_segmentor_cfg(mesa=mesa, fused_loss=mesa is not None))
+        records = audit_saved_tensors(
+            model, forward_fn=lambda m=model: sum(
+                v for k, v in m.loss(imgs, samples).items() if 'loss' in k))
+        totals[name] = sum(r.nbytes for r in records if not r.module.startswith('backbone'))
+    # Heads + losses: uint8 inputs, 1-bit ReLU masks, low-resolution logits only.
+    assert totals['mesa'] <= 0.3 * totals['fp32'], totals
+
+
+def test_unsupported_loss_keeps_mmseg_path(caplog):
+    model = MODELS.build(_segmentor_cfg(
+        mesa=dict(groups='channels'),
+        aux_loss=[dict(type='CrossEntropyLoss', loss_weight=0.4),
+                  dict(type='DiceLoss', loss_weight=0.4)]))
+    assert type(model.decode_head).__name__ == 'FusedLossUPerHead'
+    assert type(model.auxiliary_head).__name__ == 'FCNHead'
+    imgs, samples = _batch()
+    losses, _ = _loss_and_grads(model, imgs, samples)
+    assert torch.isfinite(losses['aux.loss_ce']) and torch.isfinite(losses['aux.loss_dice'])
+
+
+def test_fused_head_state_dict_and_deepcopy():
+    model = MODELS.build(_segmentor_cfg(mesa=dict(groups='channels')))
+    clone = copy.deepcopy(model)
+    assert type(clone.decode_head) is type(model.decode_head)
+    assert clone.state_dict().keys() == model.state_dict().keys()
+
+
+def test_syncbn_becomes_mesa_bn_in_a_single_process():
+    model = MODELS.build(_segmentor_cfg(mesa=dict(groups='channels'), norm='SyncBN'))
+    bns = [m for m in model.decode_head.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(type(m) is MesaBatchNorm2d for m in bns)
+
+
+def test_bad_mesa_option_in_segmentor_is_a_clear_error():
+    with pytest.raises(ValueError, match='unknown option'):
+        MODELS.build(_segmentor_cfg(mesa=dict(group=4)))
