@@ -1,0 +1,6 @@
+# Mesa version of fpn_pvtv2_b0.py (see fpn_pvt_mesa.py).
+_base_ = './fpn_pvtv2_b0.py'
+model = dict(
+    type='MesaEncoderDecoder',
+    mesa=dict(groups='channels'),
+    backbone=dict(type='MesaPVTv2', mesa=dict()))
