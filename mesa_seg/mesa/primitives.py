@@ -39,8 +39,7 @@ __all__ = [
 
 QMAX = 255  # uint8
 _TINY = 1e-12  # a zero range (constant group) must not divide by zero
-_HASH_MASK = 0xFFFFFFFF
-_NOISE_BITS = 24
+_NOISE_MASK = (1 << 24) - 1  # 24 random bits per element
 
 
 # --------------------------------------------------------------------------- layout
@@ -68,13 +67,17 @@ def _batch_min_max(x3: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def _hash_noise(shape: torch.Size, seed: torch.Tensor, device) -> torch.Tensor:
-    """U[0, 1) noise from a 32-bit integer hash of the flat element index."""
-    idx = torch.arange(math.prod(shape), device=device, dtype=torch.int64).view(shape)
-    h = (idx * 0x9E3779B1 + seed) & _HASH_MASK
-    h = ((h ^ (h >> 16)) * 0x45D9F3B) & _HASH_MASK
-    h = ((h ^ (h >> 16)) * 0x45D9F3B) & _HASH_MASK
+    """U[0, 1) noise from a 32-bit integer hash of the flat element index.
+
+    int32 arithmetic on purpose: it wraps (Triton, and in practice C++), and
+    64-bit multiplies have no AVX2 instruction, which made the fused kernel 2x
+    slower.
+    """
+    idx = torch.arange(math.prod(shape), device=device, dtype=torch.int32).view(shape)
+    h = idx * 747796405 + seed.to(torch.int32)
+    h = (h ^ (h >> 13)) * 1274126177
     h = h ^ (h >> 16)
-    return (h >> (32 - _NOISE_BITS)).float() * (1.0 / (1 << _NOISE_BITS))
+    return (h & _NOISE_MASK).float() * (1.0 / (_NOISE_MASK + 1))
 
 
 def _quantize_hash(x3, lo, rng, seed):
@@ -109,17 +112,27 @@ def _dequantize(q3, lo, rng, dtype: torch.dtype):
     return (q3.float() * step[None, :, None] + lo[None, :, None]).to(dtype)
 
 
-_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+def _pack_bits(mask8):
+    # Eight shifted ORs fuse into one pass; a (x * weights).sum(-1) reduction
+    # over the 8-wide axis compiled to a kernel 70x slower.
+    m = mask8.to(torch.uint8)
+    out = m[:, 0]
+    for bit in range(1, 8):
+        out = out | (m[:, bit] << bit)
+    return out
 
 
-def _pack_bits(mask_flat8):
-    w = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask_flat8.device)
-    return (mask_flat8.to(torch.uint8) * w).sum(-1, dtype=torch.uint8)
+_UNPACK_TABLES: dict = {}
 
 
-def _unpack_bits(packed):
-    w = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
-    return (packed[:, None] & w) != 0
+def _unpack_table(device) -> torch.Tensor:
+    """(256, 8) bool: the bits of every byte value (a gather beats shifting)."""
+    table = _UNPACK_TABLES.get(device)
+    if table is None:
+        byte = torch.arange(256, dtype=torch.uint8, device=device)
+        shifts = torch.arange(8, dtype=torch.uint8, device=device)
+        table = _UNPACK_TABLES[device] = ((byte[:, None] >> shifts) & 1).bool()
+    return table
 
 
 # --------------------------------------------------------------------- backends
@@ -129,7 +142,6 @@ _EAGER = {
     'quantize_nearest': _quantize_nearest,
     'dequantize': _dequantize,
     'pack_bits': _pack_bits,
-    'unpack_bits': _unpack_bits,
 }
 _FUSED = dict(_EAGER, quantize_stochastic=_quantize_hash)
 _compiled: dict = {}
@@ -177,6 +189,10 @@ def _kernel(name: str):
 def _run(name: str, *args):
     """Run a kernel; if compilation is impossible here, fall back to eager once, loudly."""
     global _compile_failed
+    # Detached: dynamo guards on a view's ``_base`` layout and on requires_grad,
+    # so every layer layout recompiled and the recompile limit sent all kernels
+    # to eager for good.
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     try:
         return _kernel(name)(*args)
     except Exception as err:  # noqa: BLE001 - any inductor/toolchain failure
@@ -248,5 +264,6 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: a boolean tensor of ``shape``."""
-    flat = _run('unpack_bits', packed).reshape(-1)
+    table = _unpack_table(packed.device)
+    flat = table.index_select(0, packed.to(torch.int32)).view(-1)
     return flat[:math.prod(shape)].view(shape)
