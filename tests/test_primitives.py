@@ -207,3 +207,36 @@ def test_set_backend_validates():
         mesa.set_backend('triton')
     mesa.set_backend('compile')
     assert mesa.get_backend() == 'compile'
+
+
+def _quantize_like_a_layer(x, groups, dim=-1):
+    x3 = group_view(x, groups, dim)
+    lo, hi = batch_min_max(x3)
+    q = quantize(x3, lo, hi - lo, new_seed(x.device))
+    return dequantize(q, lo, hi - lo, x.dtype).view(x3.shape)
+
+
+def test_compiled_kernels_do_not_recompile_per_layer_layout():
+    # Every layer hands the kernels a differently shaped, often viewed, tensor
+    # that may require grad. One compiled graph per (dtype, groups == 1) must
+    # serve them all: dynamo's recompile limit (8) otherwise sends every kernel
+    # to the eager fallback for the rest of the process.
+    from mesa_seg.mesa import primitives
+    mesa.set_backend('compile')
+    torch.manual_seed(0)
+    # Warm-up sizes all distinct: dynamo "duck-sizes" equal sizes into a guard.
+    _quantize_like_a_layer(torch.randn(2, 10, 96, requires_grad=True), 3)
+    _quantize_like_a_layer(torch.randn(4, 6, 49, 32), 1, dim=1)
+    layouts = [
+        (torch.randn(2, 49, 64), 2, -1),                          # no grad, not a view
+        (torch.randn(3, 8, 12, requires_grad=True)[:, 1:], 4, -1),  # strided view
+        (torch.randn(2, 64, 7, 7, requires_grad=True), 4, 1),     # NCHW, channel groups
+        (torch.randn(8, 3, 49, 32).transpose(-1, -2), 3, 1),       # k^T of attention
+        (torch.randn(2, 6, 5, 5), 1, 1),
+    ]
+    with torch.compiler.set_stance('fail_on_recompile'):
+        for x, groups, dim in layouts:
+            x_hat = _quantize_like_a_layer(x, groups, dim)
+            torch.testing.assert_close(x_hat, group_view(x, groups, dim), rtol=0,
+                                       atol=(x.max() - x.min()).item() / 255 * 1.001)
+    assert not primitives._compile_failed
