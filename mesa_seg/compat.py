@@ -19,6 +19,7 @@ import pickle
 import subprocess
 import sys
 import types
+import warnings
 from contextlib import contextmanager
 from typing import Any
 
@@ -91,6 +92,10 @@ def _install_mmcv_ops_stand_in() -> None:
     ops.__getattr__ = _ops_getattr
     sys.modules['mmcv.ops'] = ops
     mmcv.ops = ops
+    # mmcv warns on every import that MultiScaleDeformableAttention is
+    # missing; the stand-in reports that (with the fix) if it is ever used.
+    warnings.filterwarnings(
+        'ignore', message='Fail to import ``MultiScaleDeformableAttention``')
 
 
 def _history_buffer_getattr(obj: Any, name: str) -> Any:

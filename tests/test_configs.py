@@ -1,0 +1,113 @@
+"""Every config loads, carries custom_imports and builds its model on CPU;
+the baseline is mmseg's published Swin-T recipe; the demo configs only
+shrink the schedule."""
+import glob
+import os.path as osp
+
+import pytest
+from mmengine.config import Config
+
+import mesa_seg  # noqa: F401
+from mesa_seg.compat import sync_bn_to_bn
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+CONFIGS = sorted(
+    osp.relpath(p, REPO)
+    for p in glob.glob(osp.join(REPO, 'configs', '**', '*.py'), recursive=True)
+    if '_base_' not in p)
+
+
+def _load(rel):
+    return Config.fromfile(osp.join(REPO, rel))
+
+
+def test_configs_found():
+    assert 'configs/upernet_swin.py' in CONFIGS
+    assert 'configs/demo/upernet_swin_demo.py' in CONFIGS
+
+
+@pytest.mark.parametrize('rel', CONFIGS)
+def test_config_builds_model(rel):
+    from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+    register_all_modules()
+    cfg = _load(rel)
+    assert cfg.custom_imports == dict(
+        imports=['mesa_seg'], allow_failed_imports=False)
+    assert cfg.default_scope == 'mmseg'
+    model_cfg = cfg.model
+    model_cfg.pretrained = None
+    if 'init_cfg' in model_cfg.get('backbone', {}):
+        model_cfg.backbone.init_cfg = None
+    model = MODELS.build(sync_bn_to_bn(model_cfg))
+    assert sum(p.numel() for p in model.parameters()) > 1e6
+
+
+def test_baseline_is_mmseg_swin_tiny_ade20k_recipe():
+    cfg = _load('configs/upernet_swin.py')
+    m = cfg.model
+    assert m.backbone.type == 'SwinTransformer'
+    assert (m.backbone.embed_dims, m.backbone.depths, m.backbone.num_heads,
+            m.backbone.window_size) == (96, [2, 2, 6, 2], [3, 6, 12, 24], 7)
+    assert m.backbone.drop_path_rate == 0.3
+    assert m.decode_head.type == 'UPerHead' and m.decode_head.channels == 512
+    assert m.decode_head.num_classes == m.auxiliary_head.num_classes == 150
+    assert m.auxiliary_head.type == 'FCNHead'
+    assert m.decode_head.norm_cfg.type == 'SyncBN'
+    assert m.data_preprocessor.size == (512, 512)
+    # no download at build time
+    assert m.pretrained is None and m.backbone.get('init_cfg') is None
+    opt = cfg.optim_wrapper
+    assert opt.type == 'OptimWrapper'
+    assert opt.optimizer == dict(
+        type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01)
+    assert opt.paramwise_cfg.custom_keys == {
+        k: dict(decay_mult=0.)
+        for k in ('absolute_pos_embed', 'relative_position_bias_table',
+                  'norm')
+    }
+    warmup, poly = cfg.param_scheduler
+    assert (warmup.type, warmup.start_factor, warmup.end) == ('LinearLR',
+                                                              1e-6, 1500)
+    assert (poly.type, poly.power, poly.eta_min, poly.begin,
+            poly.end) == ('PolyLR', 1.0, 0.0, 1500, 160000)
+    assert cfg.train_cfg.max_iters == 160000
+    assert cfg.train_dataloader.batch_size == 2
+    assert cfg.train_dataloader.dataset.data_root == \
+        'data/ade/ADEChallengeData2016'
+    crop = [t for t in cfg.train_pipeline if t.type == 'RandomCrop'][0]
+    assert crop.crop_size == (512, 512)
+
+
+def _flatten(node, prefix=''):
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f'{prefix}{k}.'))
+        return out
+    return {prefix[:-1]: repr(node)}
+
+
+def _delta(child, parent):
+    c, p = _flatten(_load(child).to_dict()), _flatten(_load(parent).to_dict())
+    return {k: c.get(k) for k in set(c) | set(p) if c.get(k) != p.get(k)}
+
+
+def test_demo_overrides_only_schedule_data_and_bn():
+    delta = _delta('configs/demo/upernet_swin_demo.py',
+                   'configs/upernet_swin.py')
+    allowed = ('data_root', 'crop_size', 'scale', 'max_iters',
+               'warmup_iters', 'train_pipeline', 'test_pipeline',
+               'train_dataloader', 'val_dataloader', 'test_dataloader',
+               'param_scheduler', 'train_cfg', 'default_hooks', 'randomness',
+               'norm_cfg', 'model.data_preprocessor.size',
+               'model.decode_head.norm_cfg', 'model.auxiliary_head.norm_cfg')
+    assert delta and all(k.startswith(allowed) for k in delta), sorted(delta)
+
+
+def test_mesa_demo_shrinks_exactly_like_baseline_demo():
+    mesa_demo = 'configs/demo/upernet_swin_mesa_demo.py'
+    if not osp.exists(osp.join(REPO, mesa_demo)):
+        pytest.skip('configs/demo/upernet_swin_mesa_demo.py not written yet')
+    assert _delta(mesa_demo, 'configs/upernet_swin_mesa.py') == _delta(
+        'configs/demo/upernet_swin_demo.py', 'configs/upernet_swin.py')
