@@ -175,9 +175,12 @@ def mesafy_(model: nn.Module, policy: Union[MesaPolicy, Mapping, None] = None,
             raise ValueError(f"Mesa: cannot convert '{name or type(module).__name__}': "
                              f'{err}') from None
 
-    converted: Dict[int, nn.Module] = {}  # a layer shared by two parents stays shared
+    converted: Dict[int, nn.Module] = {}  # a shared layer stays shared
     for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
+        # Not named_children(): it skips a child registered twice in one parent.
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
+                continue
             full = f'{parent_name}.{child_name}' if parent_name else child_name
             new = converted.get(id(child)) or convert(child, full)
             if new is not child:
