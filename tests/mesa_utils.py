@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import mesa_seg.mesa as mesa
+from mesa_seg.mesa import primitives
 
 # Bound on the gradient error of one Mesa op vs torch, on random inputs.
 # 8-bit quantization of a group with range r has step s = r / 255; stochastic
@@ -36,7 +37,11 @@ def eager_by_default():
 def backend(request, eager_by_default):
     """Parametrize a test over both kernel backends."""
     mesa.set_backend(request.param)
-    return request.param
+    yield request.param
+    # On any dynamo/inductor failure the compile backend warns once and runs
+    # eager for the rest of the process: a 'compile' test must have compiled.
+    if request.param == 'compile':
+        assert not primitives._compile_failed, 'compile backend fell back to eager'
 
 
 def saved_bytes(fn: Callable[[], torch.Tensor], exclude: Iterable[torch.Tensor] = ()

@@ -1,0 +1,296 @@
+"""mesa_seg.mesa.ops (through the drop-in modules): every Mesa op against torch.
+
+Per op: forward bit-identical to torch, gradients within the 8-bit error bound
+(see ``mesa_utils.GRAD_REL_L2``), backward equal to torch's backward evaluated
+at the dequantized activation, and the bytes autograd saves.
+"""
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mesa_seg.mesa import LAYER_TYPES, ActivationQuantizer, MatMul
+from mesa_utils import (assert_grad_close, backend, eager_by_default,  # noqa: F401
+                        saved_bytes)
+
+
+@dataclass
+class Case:
+    """One op under test: a torch module, its inputs and the Mesa groups."""
+    make: Callable[[], nn.Module]
+    shapes: Tuple[Tuple[int, ...], ...]
+    groups: int = 1
+    call: Callable = field(default=lambda mod, *xs: mod(*xs))
+
+    def build(self, dtype=torch.float32, seed=0):
+        torch.manual_seed(seed)
+        ref = self.make().to(dtype)
+        mesa_cls = next(m for t, m in LAYER_TYPES.values() if type(ref) is t)
+        model = mesa_cls.from_float(copy.deepcopy(ref), groups=self.groups)
+        xs = [torch.randn(s, dtype=dtype, requires_grad=True) for s in self.shapes]
+        return ref, model, xs
+
+
+def _inplace_relu(mod, x):
+    return mod(x * 1)  # in-place needs a non-leaf input
+
+
+CASES = {
+    'linear': Case(lambda: nn.Linear(64, 32), ((2, 16, 64),), groups=4),
+    'conv2d': Case(lambda: nn.Conv2d(8, 16, 3, padding=1), ((2, 8, 12, 12),), groups=2),
+    'conv2d_stride_dilation': Case(lambda: nn.Conv2d(8, 16, 3, stride=2, padding=2,
+                                                     dilation=2), ((2, 8, 13, 13),)),
+    'conv2d_grouped_reflect': Case(lambda: nn.Conv2d(8, 16, 3, padding=1, groups=4,
+                                                     padding_mode='reflect'),
+                                   ((2, 8, 12, 12),), groups=4),
+    'conv2d_grouped_zeros': Case(lambda: nn.Conv2d(8, 16, 3, padding=1, groups=4),
+                                 ((2, 8, 12, 12),), groups=4),
+    'conv2d_same_circular': Case(lambda: nn.Conv2d(8, 8, (3, 5), padding='same', bias=False,
+                                                   padding_mode='circular'),
+                                 ((2, 8, 12, 12),)),
+    'layer_norm': Case(lambda: nn.LayerNorm(64, eps=1e-6), ((2, 16, 64),), groups=4),
+    'layer_norm_no_affine': Case(lambda: nn.LayerNorm(64, elementwise_affine=False),
+                                 ((2, 16, 64),)),
+    'gelu': Case(lambda: nn.GELU(), ((2, 16, 64),), groups=4),
+    'gelu_tanh': Case(lambda: nn.GELU(approximate='tanh'), ((2, 16, 64),)),
+    'softmax': Case(lambda: nn.Softmax(dim=-1), ((2, 4, 16, 16),), groups=4),
+    'matmul': Case(lambda: MatMul(), ((2, 4, 16, 8), (2, 4, 8, 16)), groups=4),
+    'matmul_broadcast_batch': Case(lambda: MatMul(), ((1, 4, 16, 8), (2, 4, 8, 16)), groups=2),
+    'matmul_broadcast_2d': Case(lambda: MatMul(), ((2, 4, 16, 8), (8, 12))),
+    'batch_norm': Case(lambda: nn.BatchNorm2d(8), ((4, 8, 6, 6),), groups=2),
+    'batch_norm_cumulative': Case(lambda: nn.BatchNorm2d(8, momentum=None), ((4, 8, 6, 6),)),
+    'batch_norm_no_stats': Case(lambda: nn.BatchNorm2d(8, affine=False,
+                                                       track_running_stats=False),
+                                ((4, 8, 6, 6),)),
+    'relu': Case(lambda: nn.ReLU(), ((2, 8, 6, 6),)),
+    'relu_inplace': Case(lambda: nn.ReLU(inplace=True), ((2, 8, 6, 6),), call=_inplace_relu),
+}
+
+
+def _run(case, mod, xs):
+    """Forward (counting saved bytes) and gradients of a random cotangent."""
+    params = list(mod.parameters())
+    y, nbytes = saved_bytes(lambda: case.call(mod, *xs), params + list(mod.buffers()))
+    torch.manual_seed(1)
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, xs + params, gy)
+    return y, grads, nbytes
+
+
+def _bytes_ratio_bounds(name, dtype):
+    itemsize = torch.finfo(dtype).bits // 8
+    # uint8 codes for a float activation: 1/4 of fp32, 1/2 of fp16/bf16; ReLU
+    # stores 1 bit per element instead of torch's saved output.
+    base = 1 / (8 * itemsize) if name.startswith('relu') else 1 / itemsize
+    # Tiny per-group (lo, range) and per-row statistics come on top (LayerNorm
+    # keeps fp32 mean/rstd per token: +11% at 64 channels and 4 groups).
+    return base * 0.9, base * (1.15 if name.startswith('layer_norm') else 1.1)
+
+
+def _assert_state_equal(ref, model):
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+# ---------------------------------------------------------------- fp32 vs torch
+# MesaConv2d pads outside the autograd Function with F.pad: reflection_pad2d
+# saves its full-precision input for backward, so the reflect case saves
+# 1/4 + 1 of torch's input instead of 1/4 (torch itself saves both).
+_REFLECT_PAD_SAVES_FP32 = pytest.mark.xfail(
+    reason='core bug: reflect padding keeps the fp32 input alive (F.pad backward)',
+    strict=True)
+
+
+@pytest.mark.parametrize('name', [
+    pytest.param(n, marks=_REFLECT_PAD_SAVES_FP32) if n == 'conv2d_grouped_reflect' else n
+    for n in CASES])
+def test_op_matches_torch(name, backend):
+    case = CASES[name]
+    ref, model, xs = case.build()
+    y_ref, g_ref, bytes_ref = _run(case, ref, xs)
+    y, g, nbytes = _run(case, model, xs)
+    assert torch.equal(y, y_ref)
+    _assert_state_equal(ref, model)  # e.g. BatchNorm running statistics
+    for i, (a, b) in enumerate(zip(g_ref, g)):
+        if name.startswith('relu'):
+            assert torch.equal(a, b)  # the 1-bit mask is exact
+        else:
+            assert_grad_close(a, b, f'{name} grad {i}')
+    lo, hi = _bytes_ratio_bounds(name, torch.float32)
+    if name == 'matmul_broadcast_batch':
+        lo = 0  # torch saves the broadcast (expanded) operand; Mesa the original
+    assert lo <= nbytes / bytes_ref <= hi, f'{name}: saved {nbytes} B vs torch {bytes_ref} B'
+
+
+# ------------------------------------------------- backward = torch's at x_hat
+@pytest.fixture
+def captured(monkeypatch):
+    """Dequantized activations produced in backward, in order."""
+    seen = []
+    unpack = ActivationQuantizer.unpack
+
+    def spy(packed, shape, dtype):
+        out = unpack(packed, shape, dtype)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(ActivationQuantizer, 'unpack', staticmethod(spy))
+    return seen
+
+
+def _reference_grads(name, ref, xs, x_hats, gy):
+    """torch's gradients with the saved activation replaced by its dequantized copy."""
+    if name in ('linear', 'conv2d', 'conv2d_stride_dilation'):
+        # Weight/bias gradients need only x; the input gradient needs only W.
+        (x_hat,) = x_hats
+        leaf = x_hat.detach().requires_grad_(True)
+        g_w = torch.autograd.grad(ref(leaf), list(ref.parameters()), gy)
+        g_x = torch.autograd.grad(ref(xs[0]), xs[0], gy)
+        return list(g_x) + list(g_w)
+    if name in ('gelu', 'gelu_tanh'):
+        (x_hat,) = x_hats
+        leaf = x_hat.detach().requires_grad_(True)
+        return list(torch.autograd.grad(ref(leaf), leaf, gy))
+    if name == 'softmax':
+        (y_hat,) = x_hats
+        return [y_hat * (gy - (gy * y_hat).sum(-1, keepdim=True))]
+    if name.startswith('matmul'):
+        b_hat, a_hat = x_hats  # backward unpacks b (for grad a) first
+        ga = (gy @ b_hat.transpose(-1, -2)).sum_to_size(xs[0].shape)
+        gb = (a_hat.transpose(-1, -2) @ gy).sum_to_size(xs[1].shape)
+        return [ga, gb]
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize('name', ['linear', 'conv2d', 'conv2d_stride_dilation', 'gelu',
+                                  'gelu_tanh', 'softmax', 'matmul', 'matmul_broadcast_batch'])
+def test_backward_is_torch_backward_at_dequantized_activation(name, captured):
+    case = CASES[name]
+    ref, model, xs = case.build()
+    y, grads, _ = _run(case, model, xs)
+    torch.manual_seed(1)
+    gy = torch.randn_like(y)
+    expected = _reference_grads(name, ref, xs, captured, gy)
+    assert len(expected) == len(grads)
+    for a, b in zip(expected, grads):
+        torch.testing.assert_close(b, a)
+
+
+def test_linear_backward_has_no_per_sample_weight_gradient():
+    # The reference Mesa built a (B, out, in) tensor for 3-D inputs.
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.shapes.append(tuple(t.shape))
+            return out
+
+    ref, model, xs = CASES['linear'].build()
+    y = model(xs[0])
+    mode = Shapes()
+    with mode:
+        y.backward(torch.ones_like(y))
+    assert (32, 64) in mode.shapes  # the weight gradient itself
+    assert not any(len(s) == 3 and s[1:] == (32, 64) for s in mode.shapes), mode.shapes
+
+
+# ----------------------------------------------------------- low precision
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('name', ['linear', 'conv2d', 'layer_norm', 'gelu', 'softmax',
+                                  'matmul', 'batch_norm', 'relu'])
+def test_low_precision_inputs(name, dtype):
+    case = CASES[name]
+    ref, model, xs = case.build(dtype)
+    y_ref, g_ref, bytes_ref = _run(case, ref, xs)
+    y, g, nbytes = _run(case, model, xs)
+    assert y.dtype == dtype and torch.equal(y, y_ref)
+    for i, (a, b) in enumerate(zip(g_ref, g)):
+        assert_grad_close(a, b, f'{name} {dtype} grad {i}')
+    lo, hi = _bytes_ratio_bounds(name, dtype)
+    assert lo <= nbytes / bytes_ref <= hi, f'{name}: saved {nbytes} B vs torch {bytes_ref} B'
+
+
+class _Block(nn.Module):
+    """LayerNorm -> attention (MatMul/Softmax) -> MLP, plus a conv-BN-ReLU branch:
+    every op type in the dtype flow autocast gives it."""
+
+    def __init__(self, c=32, heads=4):
+        super().__init__()
+        self.num_heads = heads
+        self.norm = nn.LayerNorm(c)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.qk = MatMul()
+        self.softmax = nn.Softmax(dim=-1)
+        self.av = MatMul()
+        self.fc1 = nn.Linear(c, 2 * c)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(2 * c, c)
+        # No bias: BatchNorm cancels it, its true gradient is 0 (pure noise).
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):  # x: (B, N, C), N a square
+        B, N, C = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, N, 3, self.num_heads, -1).permute(
+            2, 0, 3, 1, 4)
+        attn = self.softmax(self.qk(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5)
+        x = x + self.av(attn, v).transpose(1, 2).reshape(B, N, C)
+        x = x + self.fc2(self.act(self.fc1(x)))
+        h = int(N ** 0.5)
+        fmap = x.transpose(1, 2).reshape(B, C, h, h)
+        return self.relu(self.bn(self.conv(fmap)))
+
+
+def test_autocast_bf16(backend):
+    from mesa_seg.mesa import mesafy_
+    torch.manual_seed(0)
+    ref = _Block()
+    model = mesafy_(copy.deepcopy(ref))
+    x = torch.randn(2, 16, 32)
+    outs, grads = [], []
+    for m in (ref, model):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            y = m(x)
+        outs.append(y)
+        grads.append(torch.autograd.grad(y.float().square().mean(), list(m.parameters())))
+    assert outs[0].dtype == torch.bfloat16
+    assert torch.equal(outs[0], outs[1])
+    for (name, _), a, b in zip(ref.named_parameters(), *grads):
+        # bf16 gradients carry their own ~0.4% rounding on top of the 8-bit error.
+        assert_grad_close(a, b, name, rel_l2=0.05, cosine=0.998)
+
+
+# ------------------------------------------------------------- layouts
+def _non_contiguous(name, x):
+    if name == 'conv2d':
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@pytest.mark.parametrize('name', ['linear', 'conv2d', 'layer_norm', 'gelu', 'softmax',
+                                  'matmul', 'batch_norm'])
+def test_non_contiguous_inputs(name):
+    case = CASES[name]
+    ref, model, leaves = case.build()
+    xs = [_non_contiguous(name, x) for x in leaves]
+    assert not all(x.is_contiguous() for x in xs)
+    results = []
+    for m in (ref, model):
+        y = case.call(m, *xs)
+        torch.manual_seed(1)
+        results.append((y, torch.autograd.grad(y, leaves, torch.randn_like(y))))
+    (y_ref, g_ref), (y, g) = results
+    assert torch.equal(y, y_ref)
+    for a, b in zip(g_ref, g):
+        assert_grad_close(a, b, name)
