@@ -3,8 +3,9 @@
 Runs one training forward under ``torch.autograd.graph.saved_tensors_hooks``
 and records every saved tensor that is not a parameter/buffer of the model:
 its bytes (each storage counted once), dtype, the innermost module running at
-the time and the torch function that saved it. Mesa saves uint8 codes and
-1-bit masks; anything else is an uncompressed activation.
+the time and the torch function that saved it. A Mesa op saves uint8 codes (or
+a 1-bit mask) plus tiny statistics (per-group ranges, LayerNorm/BatchNorm
+mean and rstd); anything else is an uncompressed activation.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from .modules import MesaModule
 
 __all__ = ['SavedTensorRecord', 'audit_saved_tensors', 'summarize', 'format_audit']
 
@@ -27,7 +30,7 @@ class SavedTensorRecord:
     shape: Tuple[int, ...]
     dtype: str
     nbytes: int          # 0 when the storage was already counted (a view / re-save)
-    compressed: bool     # Mesa's uint8 codes or packed bit masks
+    compressed: bool     # saved by a Mesa op: uint8 codes/bit masks and their statistics
 
 
 class _OpTracker(TorchFunctionMode):
@@ -63,14 +66,14 @@ def audit_saved_tensors(model: nn.Module, *inputs,
     """
     owned = {t.untyped_storage().data_ptr()
              for t in list(model.parameters()) + list(model.buffers()) if t.numel()}
-    names = {id(m): (n, type(m).__name__) for n, m in model.named_modules()}
-    module_stack: List[Tuple[str, str]] = []
+    names = {id(m): n for n, m in model.named_modules()}
+    module_stack: List[nn.Module] = []
     seen: set = set()
     records: List[SavedTensorRecord] = []
     tracker = _OpTracker()
 
     def pre_hook(module, args):
-        module_stack.append(names.get(id(module), ('?', type(module).__name__)))
+        module_stack.append(module)
 
     def post_hook(module, args, output):
         module_stack.pop()
@@ -83,14 +86,16 @@ def audit_saved_tensors(model: nn.Module, *inputs,
             return t
         fresh = ptr not in seen
         seen.add(ptr)
-        module, module_type = module_stack[-1] if module_stack else ('', type(model).__name__)
+        module = module_stack[-1] if module_stack else model
+        # Custom autograd Functions (the Mesa ops) bypass the function mode, so a
+        # save with no torch function running inside a Mesa module is a Mesa op's.
+        by_mesa_op = isinstance(module, MesaModule) and not tracker.stack
         records.append(SavedTensorRecord(
-            module=module, module_type=module_type,
-            # Custom autograd Functions (the Mesa ops) bypass the function mode.
-            op=tracker.stack[-1] if tracker.stack else module_type,
+            module=names.get(id(module), '?'), module_type=type(module).__name__,
+            op=tracker.stack[-1] if tracker.stack else type(module).__name__,
             shape=tuple(t.shape), dtype=str(t.dtype).replace('torch.', ''),
             nbytes=t.untyped_storage().nbytes() if fresh else 0,
-            compressed=t.dtype == torch.uint8))
+            compressed=by_mesa_op))
         return t
 
     handles = [m.register_forward_pre_hook(pre_hook) for m in model.modules()]
