@@ -1,3 +1,4 @@
 """Registered Mesa backbones (each file adds its import line here)."""
 from .pvt import PVT, MesaPVT  # noqa: F401
 from .pvt_v2 import PVTv2, MesaPVTv2  # noqa: F401
+from .swin import MesaSwinTransformer  # noqa: F401

@@ -1,0 +1,176 @@
+"""Swin Transformer backbone trained with Mesa 8-bit activations.
+
+Swin Transformer: Hierarchical Vision Transformer using Shifted Windows
+(Liu et al., ICCV 2021, https://arxiv.org/abs/2103.14030), trained with
+Mesa: A Memory-saving Training Framework for Transformers
+(Pan et al., 2021, https://arxiv.org/abs/2111.11124).
+
+This reuses mmsegmentation 1.2.2's ``SwinTransformer`` unchanged except for the
+window attention, whose two matrix products become ``MatMul`` modules so that the
+Mesa converter can compress them. Constructor arguments and ``state_dict`` keys
+are those of mmseg's ``SwinTransformer`` (plus Mesa's quantizer buffers), so any
+mmseg Swin checkpoint loads unchanged.
+"""
+from typing import Optional, Union
+
+import torch
+from mmcv.cnn.bricks.wrappers import Linear as MMCVLinear
+from mmseg.models.backbones.swin import SwinTransformer, WindowMSA
+from mmseg.registry import MODELS
+from torch import nn
+
+from ...mesa import MatMul, MesaPolicy, mesafy_
+
+__all__ = ['MesaWindowMSA', 'MesaSwinTransformer', 'SWIN_MESA_DEFAULTS']
+
+# Mesa's Swin recipe: every Linear, LayerNorm, GELU, softmax and attention
+# matmul, one group per head, the patch embedding in full precision. Its conv
+# input is the image batch, which stays alive for the whole step anyway (an
+# 8-bit copy would only add memory); its LayerNorm sees the raw patch features.
+SWIN_MESA_DEFAULTS = dict(groups='heads', exclude=(r'patch_embed\..*', ))
+
+
+class MesaWindowMSA(WindowMSA):
+    """mmseg's ``WindowMSA`` with ``q @ k^T`` and ``attn @ v`` as modules.
+
+    Same arguments, parameters, buffers and arithmetic as
+    :class:`mmseg.models.backbones.swin.WindowMSA`; ``qk_matmul``, ``softmax``
+    and ``av_matmul`` see ``(num_windows * B, num_heads, N, N or D)`` tensors,
+    so Mesa quantizes them with one group per head. The relative position bias
+    and the shift mask are added exactly as in mmseg.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.qk_matmul = MatMul()
+        self.av_matmul = MatMul()
+
+    @classmethod
+    def from_window_msa(cls, module: WindowMSA) -> 'MesaWindowMSA':
+        """Build a ``MesaWindowMSA`` with the options and weights of ``module``.
+
+        The global RNG is left untouched, so a ``MesaSwinTransformer`` gets the
+        same initial weights as a ``SwinTransformer`` built under the same seed.
+        """
+        with torch.random.fork_rng(devices=[]):
+            new = cls(
+                embed_dims=module.embed_dims,
+                num_heads=module.num_heads,
+                window_size=module.window_size,
+                qkv_bias=module.qkv.bias is not None,
+                qk_scale=module.scale,
+                attn_drop_rate=module.attn_drop.p,
+                proj_drop_rate=module.proj_drop.p,
+                init_cfg=module.init_cfg)
+        new.load_state_dict(module.state_dict())
+        return new.to(module.qkv.weight)
+
+    def forward(self, x: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Window attention, as mmseg's ``WindowMSA.forward``.
+
+        Args:
+            x (Tensor): Windows of shape (num_windows * B, N, C).
+            mask (Tensor | None): Shift mask of shape (num_windows, N, N),
+                values in (-inf, 0]. Default: None.
+
+        Returns:
+            Tensor: Shape (num_windows * B, N, C).
+        """
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads,
+                                  C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+
+        attn = self.qk_matmul(q * self.scale, k.transpose(-2, -1))
+        attn = attn + self._relative_position_bias().unsqueeze(0)
+        if mask is not None:
+            nW = mask.shape[0]
+            attn = attn.view(B // nW, nW, self.num_heads, N,
+                             N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+        attn = self.attn_drop(self.softmax(attn))
+
+        x = self.av_matmul(attn, v).transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+    def _relative_position_bias(self) -> torch.Tensor:
+        """The (num_heads, Wh*Ww, Wh*Ww) bias gathered from the table."""
+        Wh, Ww = self.window_size
+        bias = self.relative_position_bias_table[
+            self.relative_position_index.view(-1)].view(Wh * Ww, Wh * Ww, -1)
+        return bias.permute(2, 0, 1).contiguous()
+
+
+@MODELS.register_module()
+class MesaSwinTransformer(SwinTransformer):
+    """Swin Transformer backbone with Mesa memory-saving activations.
+
+    Takes every argument of :class:`mmseg.models.backbones.SwinTransformer`
+    (pretrain_img_size, in_channels, embed_dims, patch_size, window_size,
+    mlp_ratio, depths, num_heads, strides, out_indices, qkv_bias, qk_scale,
+    patch_norm, drop_rate, attn_drop_rate, drop_path_rate, use_abs_pos_embed,
+    act_cfg, norm_cfg, with_cp, pretrained, frozen_stages, init_cfg) with the
+    same meaning and defaults, plus ``mesa``. The forward pass is exact; in
+    training, each converted layer keeps only an 8-bit copy of its input for
+    backward.
+
+    Every stage, block and window attention exposes ``num_heads``, so with
+    ``groups='heads'`` the LayerNorm/Linear/GELU inputs of a block get one
+    channel group per head (the stage's patch merging too), and q, k, v, the
+    attention scores and the softmax output get one group per head.
+
+    Args:
+        *args: Positional arguments of ``SwinTransformer``.
+        mesa (dict | MesaPolicy | None): Mesa policy. A dict (config style)
+            updates :data:`SWIN_MESA_DEFAULTS` (every layer type, one group per
+            head, patch embedding in full precision); unknown keys raise.
+            A ``MesaPolicy`` is used as given. ``None`` or
+            ``dict(enabled=False)`` keeps mmseg's plain FP32 layers.
+            Default: ``dict()``.
+        **kwargs: Keyword arguments of ``SwinTransformer``.
+    """
+
+    def __init__(self,
+                 *args,
+                 mesa: Union[dict, MesaPolicy, None] = dict(),
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        for stage in self.stages:
+            for block in stage.blocks:
+                heads = block.attn.w_msa.num_heads
+                stage.num_heads = block.num_heads = heads
+                block.attn.num_heads = heads
+                block.attn.w_msa = MesaWindowMSA.from_window_msa(
+                    block.attn.w_msa)
+        if mesa is not None:
+            policy = self._mesa_policy(mesa)
+            _replace_mmcv_linears_(self)
+            mesafy_(self, policy)
+
+    @staticmethod
+    def _mesa_policy(mesa: Union[dict, MesaPolicy]) -> Union[dict, MesaPolicy]:
+        if isinstance(mesa, MesaPolicy):
+            return mesa
+        if isinstance(mesa, dict):
+            return {**SWIN_MESA_DEFAULTS, **mesa}
+        raise TypeError('mesa must be a dict, a MesaPolicy or None, '
+                        f'but got {type(mesa).__name__}')
+
+
+def _replace_mmcv_linears_(model: nn.Module) -> None:
+    """Swap mmcv's ``Linear`` (the FFN layers) for ``nn.Linear``, sharing weights.
+
+    ``mesafy_`` converts exact torch types only, and mmcv's subclass differs
+    from ``nn.Linear`` just by an empty-input path for torch < 1.5.
+    """
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is MMCVLinear:
+                linear = nn.Linear(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    device='meta')
+                linear.weight, linear.bias = child.weight, child.bias
+                setattr(parent, name, linear.train(child.training))
