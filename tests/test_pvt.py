@@ -6,10 +6,12 @@ import timm
 import torch
 import torch.nn.functional as F
 from mmseg.registry import MODELS
+from torch import nn
 from timm.models.pvt_v2 import checkpoint_filter_fn
 
 import mesa_seg.models.backbones.pvt as pvt_module
 from mesa_seg.models.backbones import PVT, PVTv2, MesaPVT, MesaPVTv2
+from mesa_seg.mesa import MatMul
 from mesa_seg.models.checkpoint import (pvt_classification_to_backbone,
                                         timm_pvt_v2_to_official)
 
@@ -119,6 +121,24 @@ def test_timm_conversion_inverts_timms_own_filter():
     assert all(back[k] is official[k] for k in official)
     with pytest.raises(KeyError, match='pos_embed'):
         timm_pvt_v2_to_official({'stages.0.norm.weight': 0, 'pos_embed': 0})
+
+
+def test_linear_attention_pool_saves_no_activation():
+    from mesa_seg.models.backbones.pvt_v2 import AdaptiveAvgPool2d
+    tokens = torch.randn(2, 13 * 17, 8, requires_grad=True)
+    x = tokens.transpose(1, 2).reshape(2, 8, 13, 17)  # as in the attention
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t) or t, lambda t: t):
+        out = AdaptiveAvgPool2d(7)(x)
+    assert saved == []
+    ref = F.adaptive_avg_pool2d(x, 7)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    grad = torch.randn_like(ref)
+    (got, ) = torch.autograd.grad(out, tokens, grad)
+    (expected, ) = torch.autograd.grad(ref, tokens, grad)
+    # torch takes its channels-last kernel here: summation order differs.
+    torch.testing.assert_close(got, expected)
 
 
 # --------------------------------------------------------------------------
@@ -357,8 +377,10 @@ def test_registry_builds_all():
 # Mesa
 # --------------------------------------------------------------------------
 def _saved_bytes(model, x):
-    """Bytes autograd keeps for backward: unique non-parameter storages."""
+    """Bytes autograd keeps for backward: unique storages other than the
+    parameters and the input (both alive for the whole step anyway)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params.add(x.untyped_storage().data_ptr())
     storages = {}
 
     def pack(t):
@@ -426,3 +448,29 @@ def test_mesa_disabled_is_fp32():
         for name, grad in grads.items():
             torch.testing.assert_close(grad, grads_ref[name], rtol=0, atol=0,
                                        msg=name)
+
+
+def test_mesa_default_policy_and_overrides():
+    from mesa_seg.mesa import MesaModule, MesaPolicy
+    model = MesaPVTv2(arch=dict(SMALL_V2, linear=True))
+    plain = {n for n, m in model.named_modules()
+             if type(m) in (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GELU,
+                            nn.Softmax, nn.ReLU, MatMul)}
+    # Only the first patch embedding stays FP32 (the image conv + its norm).
+    assert plain == {'patch_embed1.proj', 'patch_embed1.norm'}
+    names = {n for n, m in model.named_modules() if isinstance(m, MesaModule)}
+    assert {'block1.0.attn.qk_matmul', 'block1.0.attn.softmax',
+            'block1.0.attn.av_matmul', 'block1.0.attn.act',
+            'block1.0.mlp.relu', 'block1.0.mlp.dwconv.dwconv',
+            'patch_embed2.proj', 'norm4'} <= names
+
+    everything = MesaPVT(arch='tiny', mesa=dict(exclude=()))
+    assert isinstance(everything.patch_embed1.proj, MesaModule)
+    given = MesaPVT(arch='tiny', mesa=MesaPolicy(layers=('Linear', )))
+    assert isinstance(given.patch_embed1.proj, nn.Conv2d) and not isinstance(
+        given.patch_embed1.proj, MesaModule)
+    assert isinstance(given.block1[0].attn.q, MesaModule)
+    with pytest.raises(ValueError, match='unknown option'):
+        MesaPVT(arch='tiny', mesa=dict(bitz=8))
+    with pytest.raises(TypeError, match='mesa must be'):
+        MesaPVT(arch='tiny', mesa='on')

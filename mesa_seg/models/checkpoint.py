@@ -13,8 +13,8 @@ import torch
 
 StateDict = Dict[str, torch.Tensor]
 
-# Keys of the official ImageNet classification checkpoints that a dense-prediction
-# backbone has no use for: the classifier, PVT v1's class token and the final
+# Keys of the official ImageNet classification checkpoints that a dense
+# prediction backbone has no use for: the classifier, PVT v1's class token and the final
 # LayerNorm PVT v1 applies to that token (v2's per-stage norms are ``norm1``..``norm4``).
 _PVT_CLASSIFIER_KEY = re.compile(r'^(head\.|cls_token$|norm\.)')
 

@@ -30,7 +30,7 @@ from mmengine.runner.checkpoint import CheckpointLoader
 from mmseg.registry import MODELS
 from torch import nn
 
-from ...mesa import MatMul, mesafy_
+from ...mesa import MatMul, MesaPolicy, mesafy_
 from ..checkpoint import pvt_classification_to_backbone, unwrap_state_dict
 
 HWShape = Tuple[int, int]
@@ -516,13 +516,31 @@ class PVT(PyramidVisionTransformerBase):
         return outs
 
 
-def apply_mesa(model: nn.Module, mesa: Optional[dict]) -> None:
+# Mesa's recipe for PVT: every Linear, Conv2d, LayerNorm, GELU, softmax and
+# attention matmul, one group per head, except the first patch embedding: its
+# conv input is the image batch, alive for the whole step anyway (an 8-bit copy
+# would only add memory), and its LayerNorm sees the raw patch features (the
+# Mesa reference keeps the first LayerNorm in full precision too).
+PVT_MESA_DEFAULTS = dict(groups='heads', exclude=(r'^patch_embed1\.', ))
+
+
+def apply_mesa(model: nn.Module, mesa: Union[dict, MesaPolicy, None]) -> None:
     """Convert ``model``'s layers in place under a Mesa policy.
 
-    None (like a policy with ``enabled=False``) leaves the model FP32.
+    Args:
+        model (nn.Module): A PVT / PVTv2 backbone.
+        mesa (dict | MesaPolicy | None): A dict (config style) updates
+            :data:`PVT_MESA_DEFAULTS`; a ``MesaPolicy`` is used as given; None
+            (like ``enabled=False``) leaves the model FP32.
     """
-    if mesa is not None:
-        mesafy_(model, mesa)
+    if mesa is None:
+        return
+    if isinstance(mesa, dict):
+        mesa = {**PVT_MESA_DEFAULTS, **mesa}
+    elif not isinstance(mesa, MesaPolicy):
+        raise TypeError('mesa must be a dict, a MesaPolicy or None, '
+                        f'but got {type(mesa).__name__}')
+    mesafy_(model, mesa)
 
 
 @MODELS.register_module()
@@ -533,12 +551,13 @@ class MesaPVT(PVT):
     running-range buffers), and the same forward output.
 
     Args:
-        mesa (dict, optional): Mesa policy (see ``mesa_seg.mesa.mesafy_``), e.g.
-            ``dict(groups='heads')``. None builds a plain FP32 model.
-            Default: dict() (Mesa with default settings).
+        mesa (dict | MesaPolicy | None): Mesa policy. A dict (config style)
+            updates :data:`PVT_MESA_DEFAULTS` (all layer types, one group per
+            head, first patch embedding in FP32); unknown keys raise. None or
+            ``dict(enabled=False)`` builds a plain FP32 model. Default: dict().
         **kwargs: Arguments of :class:`PVT`.
     """
 
-    def __init__(self, mesa: Optional[dict] = dict(), **kwargs):
+    def __init__(self, mesa: Union[dict, MesaPolicy, None] = dict(), **kwargs):
         super().__init__(**kwargs)
         apply_mesa(self, mesa)

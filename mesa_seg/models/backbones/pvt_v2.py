@@ -14,16 +14,48 @@ converted on load (``mesa_seg.models.checkpoint.timm_pvt_v2_to_official``).
 from typing import List, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from mmcv.cnn import build_activation_layer, build_norm_layer
 from mmengine.logging import print_log
 from mmengine.model import BaseModule, ModuleList
 from mmseg.registry import MODELS
 from torch import nn
 
+from ...mesa import MesaPolicy
 from ..checkpoint import is_timm_pvt_v2, timm_pvt_v2_to_official
 from .pvt import (HWShape, PatchEmbed, PVTBlock, PyramidVisionTransformerBase,
                   SpatialReductionAttention, _dropout, _parse_arch, apply_mesa,
                   nchw_to_nlc, nlc_to_nchw)
+
+
+class _AdaptiveAvgPool2dFn(torch.autograd.Function):
+    """``F.adaptive_avg_pool2d`` keeping only the input's shape for backward.
+
+    Pooling is linear, so its gradient does not depend on the input values;
+    torch's op nevertheless saves the whole input, i.e. a full-precision copy
+    of every block's attention input in the linear variant.
+    """
+
+    @staticmethod
+    def forward(ctx, x, output_size):
+        ctx.input_shape = x.shape
+        return F.adaptive_avg_pool2d(x, output_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Only the shape of the second argument is read: pass a free expand.
+        shape_only = grad.new_zeros(()).expand(ctx.input_shape)
+        return torch.ops.aten._adaptive_avg_pool2d_backward(
+            grad.contiguous(), shape_only), None
+
+
+class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d`` that saves nothing but a shape for backward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _AdaptiveAvgPool2dFn.apply(x, self.output_size)
+        return super().forward(x)
 
 
 class LinearSRAttention(SpatialReductionAttention):
@@ -46,7 +78,7 @@ class LinearSRAttention(SpatialReductionAttention):
         super().__init__(embed_dims, num_heads, **kwargs)
 
     def _build_reduction(self) -> None:
-        self.pool = nn.AdaptiveAvgPool2d(self.pool_size)
+        self.pool = AdaptiveAvgPool2d(self.pool_size)
         self.sr = nn.Conv2d(self.embed_dims, self.embed_dims, kernel_size=1)
         self.norm = nn.LayerNorm(self.embed_dims)
         self.act = nn.GELU()
@@ -230,12 +262,13 @@ class MesaPVTv2(PVTv2):
     quantizers' running-range buffers), and the same forward output.
 
     Args:
-        mesa (dict, optional): Mesa policy (see ``mesa_seg.mesa.mesafy_``), e.g.
-            ``dict(groups='heads')``. None builds a plain FP32 model.
-            Default: dict() (Mesa with default settings).
+        mesa (dict | MesaPolicy | None): Mesa policy, as for
+            :class:`~mesa_seg.models.backbones.pvt.MesaPVT` (defaults
+            :data:`~mesa_seg.models.backbones.pvt.PVT_MESA_DEFAULTS`). None or
+            ``dict(enabled=False)`` builds a plain FP32 model. Default: dict().
         **kwargs: Arguments of :class:`PVTv2`.
     """
 
-    def __init__(self, mesa: Optional[dict] = dict(), **kwargs):
+    def __init__(self, mesa: Union[dict, MesaPolicy, None] = dict(), **kwargs):
         super().__init__(**kwargs)
         apply_mesa(self, mesa)
