@@ -474,3 +474,31 @@ def test_mesa_default_policy_and_overrides():
         MesaPVT(arch='tiny', mesa=dict(bitz=8))
     with pytest.raises(TypeError, match='mesa must be'):
         MesaPVT(arch='tiny', mesa='on')
+
+
+@pytest.mark.parametrize('suffix', ['.pth', '.safetensors'])
+def test_timm2official_cli(tmp_path, monkeypatch, suffix):
+    import importlib.util
+    from pathlib import Path
+    from safetensors.torch import save_file
+    script = (Path(__file__).parents[1] / 'tools' / 'model_converters' /
+              'pvt_v2_timm2official.py')
+    spec = importlib.util.spec_from_file_location('pvt_v2_timm2official',
+                                                  script)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+
+    ref = _timm_pvt_v2('pvt_v2_b0')
+    src, dst = tmp_path / f'timm{suffix}', tmp_path / 'out' / 'official.pth'
+    if suffix == '.safetensors':
+        save_file(ref.state_dict(), str(src))
+    else:
+        torch.save(ref.state_dict(), src)
+    monkeypatch.setattr('sys.argv', ['prog', str(src), str(dst)])
+    cli.main()
+    converted = torch.load(dst, weights_only=True)
+    assert 'block1.0.mlp.dwconv.dwconv.weight' in converted
+    model = PVTv2(arch='b0')
+    model.load_state_dict(
+        {k: v for k, v in converted.items() if not k.startswith('head.')},
+        strict=True)
