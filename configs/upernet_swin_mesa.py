@@ -1,9 +1,11 @@
-# Mesa version of upernet_swin.py (same recipe): the Swin-T backbone saves its
-# activations for backward in 8 bits, one quantization group per attention
-# head, patch embedding in full precision (mesa=dict() = the backbone's
-# SWIN_MESA_DEFAULTS; keys are mesa_seg.mesa.MesaPolicy fields). The Swin-S/B
-# and AMP Mesa configs inherit this file: Mesa parts live here only.
+# Mesa version of upernet_swin.py (same recipe): activations saved for backward
+# in 8 bits in the Swin-T backbone (one quantization group per attention head,
+# patch embedding in full precision: mesa=dict() = the backbone's
+# SWIN_MESA_DEFAULTS), in the UPerHead/FCN heads (Conv2d/BN/ReLU, per-channel
+# ranges) and the exact fused resize + cross-entropy loss. Policy keys are
+# mesa_seg.mesa.MesaPolicy fields.
 _base_ = './upernet_swin.py'
 model = dict(
-    # Mesa for the decode and auxiliary heads goes here, on the segmentor.
+    type='MesaEncoderDecoder',
+    mesa=dict(groups='channels'),
     backbone=dict(type='MesaSwinTransformer', mesa=dict()))
