@@ -10,7 +10,6 @@ from typing import Callable, Tuple
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
