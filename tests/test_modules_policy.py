@@ -5,11 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from mesa_seg.mesa import (LAYER_TYPES, MatMul, MesaConv2d, MesaLinear, MesaModule,
-                           MesaPolicy, mesa_modules, mesafy_, set_mesa_enabled)
+from mesa_seg.mesa import (LAYER_TYPES, ActivationQuantizer, MatMul, MesaConv2d, MesaLinear,
+                           MesaModule, MesaPolicy, mesa_modules, mesafy_, set_mesa_enabled)
 from mesa_utils import eager_by_default, saved_bytes  # noqa: F401  (fixture)
 
-QUANT_KEYS = ('running_min', 'running_range', 'initialized')
+# A quantizer's state: running range buffers (and whatever else it keeps).
+QUANT_KEYS = tuple(ActivationQuantizer().state_dict())
 
 
 class Attention(nn.Module):
@@ -110,7 +111,8 @@ def test_from_float_keeps_options_parameters_and_keys(module):
     assert plain <= keys
     extra = keys - plain
     assert all(k.rsplit('.', 1)[1] in QUANT_KEYS for k in extra)
-    assert len(extra) == 3 * len(twin._quantized)
+    assert len(extra) == len(QUANT_KEYS) * len(twin._quantized)
+    assert {'running_min', 'running_range', 'initialized'} <= set(QUANT_KEYS)
     # Quantizer state is buffers only.
     assert len(list(twin.parameters())) == len(list(module.parameters()))
 

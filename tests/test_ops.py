@@ -297,15 +297,18 @@ def test_non_contiguous_inputs(name):
 
 # ------------------------------------------------------- rounding and ranges
 def test_seeded_reproducibility(backend):
+    # Same build seed and same step: bit-identical gradients. The next step of
+    # the same model rounds with fresh noise.
     case = CASES['linear']
     grads = []
-    for seed in (5, 5, 6):
+    for _ in range(2):
         ref, model, xs = case.build()
-        torch.manual_seed(seed)
-        y = model(xs[0])
-        grads.append(torch.autograd.grad(y, model.weight, torch.ones_like(y))[0])
-    assert torch.equal(grads[0], grads[1])
-    assert not torch.equal(grads[0], grads[2])  # stochastic rounding: the seed matters
+        torch.manual_seed(5)
+        for _ in range(2):
+            y = model(xs[0])
+            grads.append(torch.autograd.grad(y, model.weight, torch.ones_like(y))[0])
+    assert torch.equal(grads[0], grads[2]) and torch.equal(grads[1], grads[3])
+    assert not torch.equal(grads[0], grads[1])
 
 
 def test_constant_input_is_stored_exactly():
