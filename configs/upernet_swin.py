@@ -10,10 +10,10 @@ crop_size = (512, 512)
 data_preprocessor = dict(size=crop_size)
 model = dict(
     data_preprocessor=data_preprocessor,
-    # ImageNet-1k weights come from a local file only (never downloaded).
-    # With Microsoft's swin_tiny_patch4_window7_224.pth in pretrained/
-    # (README, "Pretrained weights") add:
-    #   --cfg-options model.pretrained=pretrained/swin_tiny_patch4_window7_224.pth model.backbone.convert_weights=True  # noqa
+    # ImageNet-1k weights come from a local file only (never downloaded), in
+    # mmseg's key layout (README, "Pretrained weights"):
+    #   --cfg-options model.pretrained=pretrained/swin_tiny_patch4_window7_224.pth  # noqa
+    # Microsoft's original file works too with model.backbone.convert_weights=True
     pretrained=None,
     backbone=dict(
         embed_dims=96,

@@ -1,5 +1,6 @@
-# CPU-sized demo of ../upernet_swin.py on the embedded demo dataset
-# (python tools/make_demo_data.py data/demo_ade); run by `make demo`.
+# CPU-sized demo of ../upernet_swin.py (full precision) on the embedded demo
+# dataset (python tools/make_demo_data.py data/demo_ade); the FP32 reference
+# for `make demo`, which trains upernet_swin_mesa_demo.py.
 # Overrides only data root, crop/scale, iterations, batch, evaluation and
 # logging intervals and BN; the model and optimizer are the real recipe.
 # Keep in sync with upernet_swin_mesa_demo.py (tests/test_configs.py checks).

@@ -28,7 +28,9 @@ from typing import Dict, Tuple
 import cv2
 import numpy as np
 
-__all__ = ['DEMO_CLASSES', 'make_scene', 'write_demo_dataset']
+__all__ = [
+    'DEMO_CLASSES', 'make_scene', 'write_demo_dataset', 'majority_miou'
+]
 
 # ADE20K (1-based, = value in the annotation PNG) ids of the demo classes.
 DEMO_CLASSES: Dict[str, int] = {
@@ -236,3 +238,25 @@ def write_demo_dataset(out_dir: str,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def majority_miou(data_root: str, split: str = 'validation') -> float:
+    """mIoU (%) of predicting the most frequent class everywhere.
+
+    The reference a trained model must clearly beat, computed as mmseg's
+    ``IoUMetric`` does on ``reduce_zero_label`` data (other pixels ignored,
+    classes neither in the ground truth nor predicted skipped).
+
+    Args:
+        data_root (str): An ADE20K-layout folder.
+        split (str): 'training' or 'validation'. Default: 'validation'.
+    """
+    ann_dir = osp.join(data_root, 'annotations', split)
+    counts = np.zeros(256, np.int64)
+    for name in sorted(os.listdir(ann_dir)):
+        label = cv2.imread(osp.join(ann_dir, name), cv2.IMREAD_UNCHANGED)
+        counts += np.bincount(label.ravel(), minlength=256)
+    counts[OTHER] = 0
+    if not counts.any():
+        raise ValueError(f'no labelled pixels in {ann_dir}')
+    return 100.0 * counts.max() / counts.sum() / np.count_nonzero(counts)
