@@ -13,6 +13,7 @@ This file also holds what PVTv2 (``pvt_v2.py``) reuses: the spatial-reduction
 attention, the block and the stage-independent backbone logic (out_indices,
 frozen stages, weight init and pretrained loading).
 """
+import logging
 import math
 import re
 import warnings
@@ -379,13 +380,13 @@ class PyramidVisionTransformerBase(BaseModule):
                 f'{type(self).__name__}: parameters missing in {checkpoint} '
                 f'(left at their initial values): {", ".join(missing)}',
                 logger='current',
-                level=30)
+                level=logging.WARNING)
         if result.unexpected_keys:
             print_log(
                 f'{type(self).__name__}: unexpected keys in {checkpoint} '
                 f'(ignored): {", ".join(result.unexpected_keys)}',
                 logger='current',
-                level=30)
+                level=logging.WARNING)
         print_log(f'{type(self).__name__}: loaded {checkpoint}', logger='current')
 
 
