@@ -10,6 +10,7 @@ Same interface as mmseg's tools. On top of them:
   (see :mod:`mesa_seg.compat`).
 """
 import argparse
+import inspect
 import logging
 import os
 import os.path as osp
@@ -102,8 +103,32 @@ def _datasets(node, key: str) -> Iterator[Tuple[str, dict]]:
             yield from _datasets(v, f'{key}.{i}')
 
 
+def _suffixes(ds: dict) -> Tuple[str, str]:
+    """The image and label suffixes a dataset config will use."""
+    from mmseg.registry import DATASETS
+    defaults = {}
+    cls = DATASETS.get(ds.get('type', '')) if isinstance(
+        ds.get('type'), str) else ds.get('type')
+    if cls is not None:
+        params = inspect.signature(cls.__init__).parameters
+        defaults = {k: p.default for k, p in params.items()}
+    return (ds.get('img_suffix', defaults.get('img_suffix', '.jpg')),
+            ds.get('seg_map_suffix', defaults.get('seg_map_suffix', '.png')))
+
+
+def _stems(folder: str, suffix: str) -> set:
+    stems = set()
+    for dirpath, _, files in os.walk(folder):
+        rel = osp.relpath(dirpath, folder)
+        for f in files:
+            if f.endswith(suffix):
+                stems.add(osp.normpath(osp.join(rel, f[:-len(suffix)])))
+    return stems
+
+
 def check_data(cfg: Config, loaders: Sequence[str]) -> None:
-    """Fail early, naming the path, when a dataset folder is missing."""
+    """Fail early, naming the path, when a dataset folder is missing or its
+    images and annotations do not pair up by name."""
     for loader in loaders:
         if not cfg.get(loader):
             continue
@@ -114,11 +139,29 @@ def check_data(cfg: Config, loaders: Sequence[str]) -> None:
             if not osp.isdir(root):
                 raise UsageError(f'data root not found: {root}; {hint}')
             prefix = ds.get('data_prefix') or {}
-            for sub in (prefix.get('img_path'), prefix.get('seg_map_path')):
+            img_dir, ann_dir = (prefix.get('img_path'),
+                                prefix.get('seg_map_path'))
+            for sub in (img_dir, ann_dir):
                 if sub and not osp.isdir(osp.join(root, sub)):
                     raise UsageError(
                         f'data root {root} has no {sub}/ folder (ADE20K '
                         f'layout expected); {hint}')
+            if not (img_dir and ann_dir):
+                continue
+            img_suffix, ann_suffix = _suffixes(ds)
+            imgs = _stems(osp.join(root, img_dir), img_suffix)
+            anns = _stems(osp.join(root, ann_dir), ann_suffix)
+            if not imgs:
+                raise UsageError(
+                    f'no *{img_suffix} images in {osp.join(root, img_dir)}')
+            if imgs != anns:
+                no_ann = sorted(imgs - anns)[:3]
+                no_img = sorted(anns - imgs)[:3]
+                raise UsageError(
+                    f'images and annotations of {root} do not pair up '
+                    f'({len(imgs)} *{img_suffix} in {img_dir}/, {len(anns)} '
+                    f'*{ann_suffix} in {ann_dir}/); without annotation: '
+                    f'{no_ann or "none"}, without image: {no_img or "none"}')
 
 
 def check_work_dir(work_dir: str) -> None:
@@ -211,12 +254,16 @@ def _finish() -> None:
 
 
 def _run(main, argv: Optional[List[str]]) -> int:
+    from .resilience import NonFiniteLossError
     prog = osp.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'mesa'
     try:
         main(argv)
     except UsageError as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:
+        print(f'{prog}: error: {e}', file=sys.stderr)
+        return 1
     return 0
 
 
@@ -247,6 +294,8 @@ def _train(argv: Optional[List[str]]) -> None:
     cfg.resume = args.resume is not None
     check_data(cfg, ['train_dataloader', 'val_dataloader'])
     check_pretrained(cfg)
+    from .preflight import check_inputs  # imports this module
+    check_inputs(cfg, ['train_dataloader', 'val_dataloader'])
     prepare_cfg(cfg, args.launcher, args.amp)
     build_runner(cfg).train()
     _finish()
@@ -272,6 +321,8 @@ def _test(argv: Optional[List[str]]) -> None:
         cfg.test_evaluator['output_dir'] = args.out
         cfg.test_evaluator['keep_results'] = True
     check_data(cfg, ['test_dataloader'])
+    from .preflight import check_inputs  # imports this module
+    check_inputs(cfg, ['test_dataloader'])
     prepare_cfg(cfg, args.launcher)
     build_runner(cfg).test()
     _finish()

@@ -63,6 +63,20 @@ def test_missing_data_root(capsys, tmp_path):
     assert rc == 2 and 'has no images/training/ folder' in err
 
 
+def test_images_and_annotations_must_pair_up(capsys, tmp_path):
+    from mesa_seg.datasets import write_demo_dataset
+    root = tmp_path / 'ade'
+    write_demo_dataset(str(root), num_train=2, num_val=1, size=48)
+    (root / 'annotations' / 'training' / 'ADE_train_00000002.png').unlink()
+    rc, err = _error(capsys, run_train, [
+        TINY, '--work-dir', tmp_path / 'wd', '--cfg-options',
+        f'train_dataloader.dataset.data_root={root}',
+        f'val_dataloader.dataset.data_root={root}'
+    ])
+    assert rc == 2 and 'do not pair up' in err
+    assert "without annotation: ['ADE_train_00000002']" in err
+
+
 def test_unwritable_work_dir(capsys, tmp_path, data_options):
     blocker = tmp_path / 'file'
     blocker.write_text('')
