@@ -11,5 +11,6 @@ compat.apply()
 
 from . import mesa  # noqa: E402
 from . import models  # noqa: E402,F401
+from . import resilience  # noqa: E402,F401
 
 __version__ = '0.1.0'

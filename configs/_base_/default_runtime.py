@@ -3,6 +3,14 @@
 # tools/train.py works with these configs too.
 custom_imports = dict(imports=['mesa_seg'], allow_failed_imports=False)
 default_scope = 'mmseg'
+# mesa_seg.resilience: RNG states in checkpoints (exact resume), checkpoint
+# key checks (Mesa <-> FP32 allowed), label range checks per batch. A config
+# that sets custom_hooks replaces this list: keep these entries.
+custom_hooks = [
+    dict(type='RandomStateHook'),
+    dict(type='CheckpointCompatHook'),
+    dict(type='LabelRangeHook')
+]
 env_cfg = dict(
     cudnn_benchmark=True,
     mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),

@@ -17,6 +17,7 @@ from mmseg.registry import MODELS
 from torch import nn
 
 from ..mesa import MesaPolicy, mesafy_
+from ..resilience import check_finite_loss
 from .losses import FusedLossHeadMixin, fused_loss_supported
 
 __all__ = ['MesaEncoderDecoder']
@@ -95,3 +96,10 @@ class MesaEncoderDecoder(EncoderDecoder):
                 else:
                     print_log(f'Mesa: {type(head).__name__} keeps the unfused loss: '
                               f'{reason}', logger='current')
+
+    def parse_losses(self, losses):
+        """mmengine's ``parse_losses``; a NaN/Inf loss stops training here,
+        before backward and the optimizer step (see ``mesa_seg.resilience``)."""
+        loss, log_vars = super().parse_losses(losses)
+        check_finite_loss(loss, log_vars)
+        return loss, log_vars
