@@ -33,16 +33,24 @@ def eager_by_default():
     mesa.set_backend(prev)
 
 
-@pytest.fixture(params=['eager', 'compile'])
-def backend(request, eager_by_default):
-    """Parametrize a test over both kernel backends."""
-    if request.param == 'compile' and primitives._compile_failed:
-        # Earlier tests in this process exhausted dynamo's recompile limit (one
-        # graph per dtype / autocast state / size-1 dim): start afresh.
+def use_compile_backend() -> None:
+    """Select the 'compile' backend, with fresh dynamo state if earlier tests in
+    this process made it fall back to eager (e.g. by exhausting dynamo's
+    recompile limit: one graph per dtype / autocast state / size-1 dim)."""
+    if primitives._compile_failed:
         torch._dynamo.reset()
         primitives._compiled.clear()
         primitives._compile_failed = False
-    mesa.set_backend(request.param)
+    mesa.set_backend('compile')
+
+
+@pytest.fixture(params=['eager', 'compile'])
+def backend(request, eager_by_default):
+    """Parametrize a test over both kernel backends."""
+    if request.param == 'compile':
+        use_compile_backend()
+    else:
+        mesa.set_backend('eager')
     yield request.param
     # On any dynamo/inductor failure the compile backend warns once and runs
     # eager for the rest of the process: a 'compile' test must have compiled.

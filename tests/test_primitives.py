@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import mesa_seg.mesa as mesa
+from mesa_seg.mesa import primitives
 from mesa_seg.mesa.primitives import (QMAX, batch_min_max, dequantize, group_view, new_seed,
                                       pack_bits, quantize, unpack_bits)
-from mesa_utils import backend, eager_by_default  # noqa: F401  (fixtures)
+from mesa_utils import backend, eager_by_default, use_compile_backend  # noqa: F401
 
 
 def _step(rng):
@@ -87,7 +88,7 @@ def test_backends_agree_on_nearest_rounding():
     mesa.set_backend('eager')
     q_eager = quantize(x3, lo, rng)
     x_eager = dequantize(q_eager, lo, rng)
-    mesa.set_backend('compile')
+    use_compile_backend()
     q_comp = quantize(x3, lo, rng)
     x_comp = dequantize(q_comp, lo, rng)
     # Fused kernels may contract (x - lo) * s + 0.5 differently: a tie can land
@@ -95,6 +96,7 @@ def test_backends_agree_on_nearest_rounding():
     assert (q_eager.int() - q_comp.int()).abs().max() <= 1
     assert (q_eager != q_comp).float().mean() < 1e-3
     assert torch.allclose(x_eager, x_comp, rtol=0, atol=1e-6 + _step(rng).max().item())
+    assert not primitives._compile_failed
 
 
 def test_out_of_range_values_saturate_instead_of_wrapping(backend):
@@ -223,8 +225,7 @@ def test_compiled_kernels_do_not_recompile_per_layer_layout():
     # that may require grad. One compiled graph per (dtype, groups == 1) must
     # serve them all: dynamo's recompile limit (8) otherwise sends every kernel
     # to the eager fallback for the rest of the process.
-    from mesa_seg.mesa import primitives
-    mesa.set_backend('compile')
+    use_compile_backend()
     torch.manual_seed(0)
     # Warm-up sizes all distinct: dynamo "duck-sizes" equal sizes into a guard.
     _quantize_like_a_layer(torch.randn(2, 10, 96, requires_grad=True), 3)
