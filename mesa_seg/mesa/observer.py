@@ -91,7 +91,7 @@ class RunningRange(nn.Module):
                                       missing_keys, unexpected_keys, error_msgs)
         # A plain torch / FP32 checkpoint has no estimates: they initialise from the
         # first training batch, so their absence is not an error even when strict.
-        for name in ('running_min', 'running_range', 'initialized'):
+        for name in self._buffers:
             key = prefix + name
             if key in missing_keys:
                 missing_keys.remove(key)

@@ -94,9 +94,11 @@ def _quantize_eager(x3, lo, rng, seed):
     scale = QMAX / rng.clamp_min(_TINY)
     y = torch.addcmul((-lo * scale)[None, :, None], x3.float(), scale[None, :, None])
     # The index hash is cheap only when fused. Eagerly, 8 random bits per element
-    # from torch's RNG (randint on uint8 is ~3x cheaper than rand_like) serve as
-    # noise; `seed` is unused, reproducibility comes from torch.manual_seed.
-    noise = torch.randint(0, 256, x3.shape, dtype=torch.uint8, device=x3.device)
+    # (randint on uint8 is ~3x cheaper than rand_like) from a generator seeded
+    # by `seed`: the noise is a function of the seed, as in the fused kernel,
+    # and torch's global RNG is left alone.
+    gen = torch.Generator(device=x3.device).manual_seed(int(seed))
+    noise = torch.randint(0, 256, x3.shape, dtype=torch.uint8, device=x3.device, generator=gen)
     y.add_(noise, alpha=1.0 / 256).add_(1.0 / 512)
     return torch.nan_to_num_(y, nan=0.0).floor_().clamp_(0, QMAX).to(torch.uint8)
 
@@ -219,8 +221,11 @@ def batch_min_max(x3: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def new_seed(device: torch.device) -> torch.Tensor:
-    """A fresh seed for stochastic rounding, drawn from torch's RNG on ``device``
-    (reproducible under ``torch.manual_seed``; no host synchronisation)."""
+    """A fresh seed drawn from torch's global RNG on ``device`` (no host sync).
+
+    For ad-hoc use; layers derive their seeds from their own step counter
+    (:class:`~mesa_seg.mesa.quantizer.ActivationQuantizer`) instead.
+    """
     return torch.randint(0, 2**31 - 1, (), device=device, dtype=torch.int64)
 
 

@@ -6,9 +6,12 @@ from typing import NamedTuple, Tuple
 import torch
 
 from .observer import RunningRange
-from .primitives import dequantize, group_view, new_seed, quantize
+from .primitives import dequantize, group_view, quantize
 
 __all__ = ['ActivationQuantizer', 'Packed']
+
+_SEED_MOD = 2**31 - 1
+_STEP_STRIDE = 1_000_003  # a prime: consecutive steps land far apart in seed space
 
 
 class Packed(NamedTuple):
@@ -40,6 +43,14 @@ class ActivationQuantizer(RunningRange):
         super().__init__(groups, momentum, sync)
         self.dim = dim
         self.stochastic = stochastic
+        # Stochastic-rounding seeds come from (salt, step), not from torch's global
+        # RNG: activation checkpointing recomputes blocks with Mesa on after a
+        # forward with Mesa off, and drawing from the global RNG there would change
+        # the recomputed dropout/drop-path masks (wrong gradients). As buffers they
+        # are checkpointed, so a resumed run rounds exactly as an uninterrupted one.
+        salt = int(torch.randint(0, _SEED_MOD, ()))  # deterministic under the build seed
+        self.register_buffer('rounding_salt', torch.tensor(salt, dtype=torch.int64))
+        self.register_buffer('rounding_step', torch.tensor(0, dtype=torch.int64))
 
     def extra_repr(self) -> str:
         return f'{super().extra_repr()}, dim={self.dim}, stochastic={self.stochastic}'
@@ -49,8 +60,12 @@ class ActivationQuantizer(RunningRange):
         """Quantize ``x`` (updating the running range in training mode)."""
         x3 = group_view(x, self.groups, self.dim)
         lo, rng = self(x3, update=self.training)
-        seed = new_seed(x.device) if self.stochastic else None
+        seed = self._next_seed() if self.stochastic else None
         return Packed(quantize(x3, lo, rng, seed), lo, rng)
+
+    def _next_seed(self) -> torch.Tensor:
+        self.rounding_step.add_(1)  # on the device: no host synchronisation
+        return (self.rounding_step * _STEP_STRIDE + self.rounding_salt) % _SEED_MOD
 
     @staticmethod
     def unpack(packed: Packed, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
