@@ -112,6 +112,23 @@ class MesaPolicy:
                              f'{sorted(known)}')
         return cls(**dict(cfg))
 
+    @classmethod
+    def from_arg(cls, mesa: Union['MesaPolicy', Mapping, None],
+                 defaults: Optional[Mapping] = None) -> 'MesaPolicy':
+        """Policy from a model's ``mesa=`` argument (backbones, segmentors).
+
+        None means no Mesa (FP32); a dict updates the model's ``defaults``
+        (e.g. which layers its recipe keeps in full precision); a
+        ``MesaPolicy`` is used as given.
+        """
+        if mesa is None:
+            return cls(enabled=False)
+        if isinstance(mesa, Mapping):
+            return cls.from_cfg({**(defaults or {}), **mesa})
+        if isinstance(mesa, cls):
+            return mesa
+        raise TypeError(f'mesa must be a dict, a MesaPolicy or None, got {type(mesa).__name__}')
+
     def selects(self, name: str) -> bool:
         """Whether the include/exclude patterns select module ``name``."""
         if self.include and not any(re.search(p, name) for p in self.include):

@@ -69,7 +69,7 @@ class MesaEncoderDecoder(EncoderDecoder):
 
     def __init__(self, *args, mesa: Optional[dict] = None, fused_loss: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        policy = MesaPolicy.from_cfg(mesa if mesa is not None else dict(enabled=False))
+        policy = MesaPolicy.from_arg(mesa)
         parts = [getattr(self, name) for name in ('neck', 'decode_head', 'auxiliary_head')
                  if getattr(self, name, None) is not None]
         if policy.enabled:

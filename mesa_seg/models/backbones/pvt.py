@@ -534,14 +534,7 @@ def apply_mesa(model: nn.Module, mesa: Union[dict, MesaPolicy, None]) -> None:
             :data:`PVT_MESA_DEFAULTS`; a ``MesaPolicy`` is used as given; None
             (like ``enabled=False``) leaves the model FP32.
     """
-    if mesa is None:
-        return
-    if isinstance(mesa, dict):
-        mesa = {**PVT_MESA_DEFAULTS, **mesa}
-    elif not isinstance(mesa, MesaPolicy):
-        raise TypeError('mesa must be a dict, a MesaPolicy or None, '
-                        f'but got {type(mesa).__name__}')
-    mesafy_(model, mesa)
+    mesafy_(model, MesaPolicy.from_arg(mesa, PVT_MESA_DEFAULTS))
 
 
 @MODELS.register_module()

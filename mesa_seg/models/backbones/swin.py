@@ -143,19 +143,10 @@ class MesaSwinTransformer(SwinTransformer):
                 block.attn.num_heads = heads
                 block.attn.w_msa = MesaWindowMSA.from_window_msa(
                     block.attn.w_msa)
-        if mesa is not None:
-            policy = self._mesa_policy(mesa)
+        policy = MesaPolicy.from_arg(mesa, SWIN_MESA_DEFAULTS)
+        if policy.enabled:
             _replace_mmcv_linears_(self)
             mesafy_(self, policy)
-
-    @staticmethod
-    def _mesa_policy(mesa: Union[dict, MesaPolicy]) -> Union[dict, MesaPolicy]:
-        if isinstance(mesa, MesaPolicy):
-            return mesa
-        if isinstance(mesa, dict):
-            return {**SWIN_MESA_DEFAULTS, **mesa}
-        raise TypeError('mesa must be a dict, a MesaPolicy or None, '
-                        f'but got {type(mesa).__name__}')
 
 
 def _replace_mmcv_linears_(model: nn.Module) -> None:
