@@ -4,7 +4,7 @@ What mmengine 0.10.7 leaves open, and the answer here:
 
 - **Resume is not exact.** Checkpoints hold weights, buffers (so Mesa's running
   ranges), optimizer, schedulers and the iteration, but no RNG state, while
-  Mesa's stochastic rounding draws its seeds from torch's global RNG.
+  Dropout, drop path and data augmentation draw from the global RNGs.
   :class:`RandomStateHook` stores the python/numpy/torch RNG states in every
   checkpoint and restores them on resume at the point where they were taken.
 - **Checkpoints are written in place**, so a killed save leaves a truncated
