@@ -353,8 +353,6 @@ def test_training_continues_after_an_outlier_batch():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.xfail(strict=True, reason='core gap: ops pack every input whether or not '
-                   'backward needs it (frozen Linear weight: torch saves nothing)')
 def test_saves_only_what_backward_needs():
     # Linear with a frozen weight needs only W for the input gradient: torch
     # saves no activation at all. MatMul where b needs no gradient needs only b.

@@ -55,13 +55,23 @@ def _no_autocast(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def _save(ctx, packed: Packed, *others):
-    ctx.save_for_backward(*packed.tensors, *others)
+_NOT_SAVED = (None, None, None)
+
+
+def _pack_if(needed: bool, quantizer: ActivationQuantizer, x: torch.Tensor):
+    """Quantize ``x`` only if backward will read it (e.g. a frozen weight needs no
+    copy of the input: torch saves nothing there either)."""
+    return quantizer.pack(x) if needed else None
+
+
+def _save(ctx, packed: Optional[Packed], *others):
+    ctx.save_for_backward(*(packed.tensors if packed is not None else _NOT_SAVED), *others)
 
 
 def _load(ctx):
     saved = ctx.saved_tensors
-    return Packed(*saved[:3]), saved[3:]
+    packed = Packed(*saved[:3]) if saved[0] is not None else None
+    return packed, saved[3:]
 
 
 # ---------------------------------------------------------------------- linear
@@ -72,7 +82,7 @@ class _Linear(Function):
         with _no_autocast(x):
             xc = _cast(x, dt)
             y = F.linear(xc, _cast(weight, dt), _cast(bias, dt))
-        _save(ctx, quantizer.pack(xc), weight)
+        _save(ctx, _pack_if(ctx.needs_input_grad[1], quantizer, xc), weight)
         ctx.meta = (xc.shape, dt, x.dtype, bias is not None)
         return y
 
@@ -106,7 +116,7 @@ class _Conv2d(Function):
         with _no_autocast(x):
             xc = _cast(x, dt)
             y = F.conv2d(xc, _cast(weight, dt), _cast(bias, dt), stride, padding, dilation, groups)
-        _save(ctx, quantizer.pack(xc), weight)
+        _save(ctx, _pack_if(ctx.needs_input_grad[1], quantizer, xc), weight)
         ctx.meta = (xc.shape, dt, x.dtype, bias is not None, stride, padding, dilation, groups)
         return y
 
@@ -115,7 +125,10 @@ class _Conv2d(Function):
         packed, (weight,) = _load(ctx)
         shape, dt, x_dtype, has_bias, stride, padding, dilation, groups = ctx.meta
         need = ctx.needs_input_grad
-        x_hat = ActivationQuantizer.unpack(packed, shape, dt)
+        if packed is not None:
+            x_hat = ActivationQuantizer.unpack(packed, shape, dt)
+        else:  # only the input gradient is needed: it reads the input's shape alone
+            x_hat = gy.new_zeros(()).expand(shape)
         gx, gw, gb = torch.ops.aten.convolution_backward(
             gy, x_hat, _cast(weight, dt), [weight.shape[0]] if has_bias else None,
             stride, padding, dilation, False, [0, 0], groups,
@@ -217,8 +230,11 @@ class _MatMul(Function):
         with _no_autocast(a):
             ac, bc = _cast(a, dt), _cast(b, dt)
             y = torch.matmul(ac, bc)
-        pa, pb = quantizer_a.pack(ac), quantizer_b.pack(bc)
-        ctx.save_for_backward(*pa.tensors, *pb.tensors)
+        # d(a@b)/da reads b and d(a@b)/db reads a.
+        pa = _pack_if(ctx.needs_input_grad[1], quantizer_a, ac)
+        pb = _pack_if(ctx.needs_input_grad[0], quantizer_b, bc)
+        ctx.save_for_backward(*(pa.tensors if pa is not None else _NOT_SAVED),
+                              *(pb.tensors if pb is not None else _NOT_SAVED))
         ctx.meta = (ac.shape, bc.shape, dt, a.dtype, b.dtype)
         return y
 
