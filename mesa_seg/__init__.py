@@ -11,6 +11,7 @@ compat.apply()
 
 from . import mesa  # noqa: E402
 from . import models  # noqa: E402,F401
+from . import hooks  # noqa: E402,F401
 from . import resilience  # noqa: E402,F401
 
 __version__ = '0.1.0'

@@ -9,7 +9,9 @@ default_scope = 'mmseg'
 custom_hooks = [
     dict(type='RandomStateHook'),
     dict(type='CheckpointCompatHook'),
-    dict(type='LabelRangeHook')
+    dict(type='LabelRangeHook'),
+    # mesa_seg.hooks: peak memory as `memory:` in log lines on CPU too
+    dict(type='PeakMemoryHook')
 ]
 env_cfg = dict(
     cudnn_benchmark=True,

@@ -1,0 +1,121 @@
+"""PeakMemoryHook: peak memory in the training log lines (CPU path)."""
+import glob
+import os.path as osp
+import uuid
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import mesa_seg  # noqa: F401  (registers the hook)
+from mesa_seg import hooks as hooks_module
+from mesa_seg.hooks import PeakMemoryHook
+
+MiB = 1024 ** 2
+SPIKE_MB = 192
+
+
+class _Pairs(Dataset):
+
+    def __init__(self, n=64):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        x = torch.full((2, ), float(i % 7))
+        return dict(inputs=x, labels=x.sum(0, keepdim=True))
+
+
+def _toy_model(spike_at):
+    from mmengine.model import BaseModel
+
+    class Toy(BaseModel):
+        """A linear model that holds SPIKE_MB of memory during one forward."""
+
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(2, 1)
+            self.calls = 0
+
+        def forward(self, inputs, labels=None, mode='tensor'):
+            self.calls += 1
+            if self.calls == spike_at:
+                torch.ones(SPIKE_MB * MiB // 4).sum()  # written, so resident
+            out = self.linear(inputs)
+            return dict(loss=((out - labels)**2).mean()) if mode == 'loss' else out
+
+    return Toy()
+
+
+def _train(tmp_path, max_iters=6, interval=2, spike_at=3, samples=64, **logger):
+    from mmengine.runner import Runner
+    runner = Runner(
+        model=_toy_model(spike_at),
+        work_dir=str(tmp_path),
+        experiment_name=f'peak_memory_{uuid.uuid4().hex[:8]}',
+        train_dataloader=DataLoader(_Pairs(samples), batch_size=4, shuffle=False),
+        train_cfg=dict(by_epoch=False, max_iters=max_iters),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
+        default_hooks=dict(logger=dict(type='LoggerHook', interval=interval, **logger),
+                           checkpoint=None),
+        custom_hooks=[dict(type='PeakMemoryHook')],
+        log_processor=dict(by_epoch=False),
+        default_scope=None)
+    runner.train()
+    return runner
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """The CPU path, also on machines with a GPU."""
+    monkeypatch.setattr(hooks_module, 'is_cuda_available', lambda: False)
+    monkeypatch.setattr(hooks_module, 'is_musa_available', lambda: False)
+
+
+def test_registered_and_in_default_runtime():
+    from mmengine.config import Config
+    from mmengine.registry import HOOKS
+    assert isinstance(HOOKS.build(dict(type='PeakMemoryHook')), PeakMemoryHook)
+    root = osp.dirname(osp.dirname(osp.abspath(__file__)))
+    cfg = Config.fromfile(osp.join(root, 'configs', '_base_', 'default_runtime.py'))
+    assert dict(type='PeakMemoryHook') in cfg.custom_hooks
+
+
+def test_logs_peak_since_previous_line(tmp_path, cpu_only):
+    runner = _train(tmp_path)
+    # one value before training, then one per log line (iterations 2, 4, 6)
+    values = runner.message_hub.get_scalar('train/memory').data[0].tolist()
+    assert len(values) == 4
+    start, first, spike, after = values
+    # the spike happened in the second interval only: peak since the previous line
+    assert spike >= first + 0.9 * SPIKE_MB
+    assert after <= spike - 0.9 * SPIKE_MB
+    assert first >= start - 16 > 0
+
+    if not torch.cuda.is_available():  # on GPUs mmengine logs its own memory field
+        log = open(glob.glob(osp.join(str(tmp_path), '*', '*.log'))[0]).read()
+        lines = [line for line in log.splitlines() if 'Iter(train)' in line]
+        assert len(lines) == 3
+        assert all(line.count('memory: ') == 1 for line in lines)
+        # placed like mmengine's CUDA field: before the losses
+        assert all(line.index('memory: ') < line.index('loss: ') for line in lines)
+        assert f'memory: {int(spike)}' in lines[1]
+
+
+@pytest.mark.parametrize('ignore_last,lines', [(True, 2), (False, 3)])
+def test_follows_logger_condition(tmp_path, cpu_only, ignore_last, lines):
+    # LoggerHook writes after iterations 3 and 6 (interval 3) and, unless it
+    # ignores the last short window, after 5 (the loader's 5 batches end); the
+    # hook updates once before training and then exactly there.
+    runner = _train(tmp_path, max_iters=7, interval=3, spike_at=None, samples=20,
+                    ignore_last=ignore_last)
+    assert len(runner.message_hub.get_scalar('train/memory').data[0]) == 1 + lines
+
+
+def test_leaves_gpu_memory_field_to_mmengine(tmp_path, monkeypatch):
+    monkeypatch.setattr(hooks_module, 'is_cuda_available', lambda: True)
+    runner = _train(tmp_path, max_iters=2, spike_at=None)
+    assert 'train/memory' not in runner.message_hub.log_scalars
