@@ -93,13 +93,14 @@ def _delta(child, parent):
     return {k: c.get(k) for k in set(c) | set(p) if c.get(k) != p.get(k)}
 
 
-def test_demo_overrides_only_schedule_data_and_bn():
+def test_demo_overrides_only_schedule_data_bn_and_lr():
     delta = _delta('configs/demo/upernet_swin_demo.py',
                    'configs/upernet_swin.py')
     allowed = ('data_root', 'crop_size', 'scale', 'max_iters',
                'warmup_iters', 'train_pipeline', 'test_pipeline',
                'train_dataloader', 'val_dataloader', 'test_dataloader',
                'param_scheduler', 'train_cfg', 'default_hooks', 'randomness',
+               'optim_wrapper.optimizer.lr',
                'norm_cfg', 'model.data_preprocessor.size',
                'model.decode_head.norm_cfg', 'model.auxiliary_head.norm_cfg')
     assert delta and all(k.startswith(allowed) for k in delta), sorted(delta)
