@@ -115,18 +115,29 @@ def _plot(runs: Dict[str, dict], path: str, window: int) -> None:
         ax_loss.plot(steps, loss, color=colors[name], alpha=0.25, lw=0.8)
         ax_loss.plot(steps, _moving_average(loss, window), color=colors[name],
                      lw=2, label=f'{name} (moving average of {window})')
-        if run['val']:
+    curves = any(len(run['val']) > 1 for run in runs.values())
+    for i, (name, run) in enumerate(runs.items()):
+        if not run['val']:
+            continue
+        if curves:
             ax_iou.plot([v['step'] for v in run['val']],
                         [v['mIoU'] for v in run['val']], 'o-',
                         color=colors[name], label=name)
+        else:  # one validation at the end: bars
+            value = run['val'][-1]['mIoU']
+            ax_iou.bar(i, value, color=colors[name])
+            ax_iou.text(i, value, f'{value:.2f}', ha='center', va='bottom')
     ax_loss.set(xlabel='iteration', ylabel='training loss (decode + aux)',
                 title='Training loss, same seed and data')
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
-    ax_iou.set(xlabel='iteration', ylabel='mIoU (%)', title='Validation mIoU')
-    ax_iou.grid(alpha=0.3)
-    if any(run['val'] for run in runs.values()):
+    if curves:
+        ax_iou.set(xlabel='iteration')
         ax_iou.legend()
+    else:
+        ax_iou.set_xticks(range(len(runs)), list(runs))
+    ax_iou.set(ylabel='mIoU (%)', title='Validation mIoU, end of training')
+    ax_iou.grid(alpha=0.3, axis='y')
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -172,6 +183,15 @@ def write_report(out_dir: str, runs: Dict[str, dict], setup: dict,
                     for n, t in setup['wall_s'].items()) + '.', '',
         *rows, ''
     ]
+    first = {n: runs[n]['losses']['loss'][0] for n in names}
+    lines.append(
+        ('All runs start from the same initial weights (the first config\'s '
+         f"init, seed {setup['seed']}). " if setup.get('same_init') else
+         'Each run starts from its own initial weights. ') +
+        'Loss at iteration 1 (Mesa\'s forward pass is exact: a difference '
+        'comes from the weights, the batch or dropout/drop-path masks): ' +
+        ', '.join(f'{n} {v:.4f}' for n, v in first.items()) + '.')
+    lines.append('')
     if 'delta' in report:
         d = report['delta']
         lines.append(
@@ -202,6 +222,34 @@ def _crop_options(config: str, crop: Sequence[int]) -> List[str]:
             f'model.data_preprocessor.size={size}']
 
 
+def write_initial_weights(config: str, seed: int, path: str) -> str:
+    """Build ``config``'s model as the Runner does (seed, build,
+    ``init_weights``) and save its weights to ``path``.
+
+    Loaded with ``load_from`` by every run, so all start from the same
+    weights: Mesa layers consume RNG when they are built, which would
+    otherwise give the Mesa model other initial weights under the same seed.
+    """
+    import torch
+    from mmengine.config import Config
+    from mmengine.logging import MMLogger
+    from mmengine.registry import DefaultScope
+    from mmengine.runner import set_random_seed
+    from mmseg.registry import MODELS
+
+    from .compat import sync_bn_to_bn
+    cfg = Config.fromfile(config)
+    MMLogger.get_instance('compare_init', log_level='ERROR')  # quiet init
+    set_random_seed(seed)
+    with DefaultScope.overwrite_default_scope(cfg.get('default_scope',
+                                                      'mmseg')):
+        model = MODELS.build(sync_bn_to_bn(cfg.model))
+    model.init_weights()
+    torch.save(dict(state_dict=model.state_dict(), meta=dict(seed=seed)),
+               path)
+    return path
+
+
 def compare(configs: Dict[str, str],
             data_root: str,
             out_dir: str,
@@ -211,6 +259,7 @@ def compare(configs: Dict[str, str],
             batch: Optional[int] = None,
             val_interval: Optional[int] = None,
             options: Sequence[str] = (),
+            same_init: bool = True,
             train: Train = _subprocess_train) -> dict:
     """Train every config of ``configs`` (name -> path, baseline first) with
     the same settings and write the report to ``out_dir``.
@@ -227,6 +276,8 @@ def compare(configs: Dict[str, str],
         val_interval (int, optional): Validate every N iterations (and at
             the end). Default: only at the end.
         options (Sequence[str]): More ``--cfg-options`` for every run.
+        same_init (bool): Start every run from the first config's initial
+            weights (see :func:`write_initial_weights`). Default: True.
         train (callable): Runs ``tools/train.py`` with an argv, returns its
             exit code. Default: a fresh subprocess.
 
@@ -244,6 +295,10 @@ def compare(configs: Dict[str, str],
     ]
     if batch:
         common.append(f'train_dataloader.batch_size={batch}')
+    if same_init:
+        init = write_initial_weights(
+            next(iter(configs.values())), seed, osp.join(out_dir, 'init.pth'))
+        common.append(f'load_from={init}')
     runs, wall = {}, {}
     for name, config in configs.items():
         # a visualizer name of its own: in one process (tests) mmengine would
@@ -263,6 +318,7 @@ def compare(configs: Dict[str, str],
         configs=dict(configs), data_root=data_root, iters=iters, seed=seed,
         crop=list(crop) if crop else None, batch=batch,
         val_interval=val_interval, options=list(options), wall_s=wall,
+        same_init=same_init,
         torch=torch.__version__, device=_device(),
         threads=os.environ.get('OMP_NUM_THREADS'))
     return write_report(out_dir, runs, setup)
@@ -316,6 +372,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--out', default='work_dirs/compare')
     parser.add_argument('--cfg-options', nargs='+', default=[],
                         metavar='KEY=VALUE', help='for both runs')
+    parser.add_argument(
+        '--own-init', action='store_true',
+        help='each run initialises its own weights from the seed (default: '
+        "both start from the baseline's initial weights)")
     args = parser.parse_args(argv)
     if not osp.isdir(args.data_root):
         from mesa_seg.datasets import write_demo_dataset
@@ -324,6 +384,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     report = compare(
         dict(fp32=args.baseline, mesa=args.mesa), args.data_root, args.out,
         args.iters, args.seed, args.crop, args.batch, args.val_interval,
-        args.cfg_options)
+        args.cfg_options, same_init=not args.own_init)
     print(open(osp.join(args.out, 'report.md')).read())
     return 0 if all(s['finite'] for s in report['summary'].values()) else 1

@@ -214,9 +214,12 @@ def check_train_crop(cfg: Config) -> None:
                                   'train_dataloader.dataset'):
         bound = None
         for t in dataset.get('pipeline') or []:
-            if t.get('type') in ('Resize', 'RandomResize'):
+            kind = str(t.get('type'))
+            if kind in ('Resize', 'RandomResize'):
                 bound = _resize_bound(t)
-            elif t.get('type') == 'RandomCrop':
+            elif 'Resize' in kind:
+                bound = None  # another resize: sizes unknown here
+            elif kind == 'RandomCrop':
                 crop_h, crop_w = _pair(t['crop_size'])
                 _check_crop(key, (crop_h, crop_w), bound, size)
 

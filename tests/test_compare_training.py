@@ -30,11 +30,16 @@ def test_moving_average_and_summary():
 
 
 def test_schedule_and_crop_follow_the_requested_run():
-    # the demo config: 20-iteration warm-up, poly decay to 200
-    opts = compare._schedule_options(DEMO, 50)
-    assert opts == ['param_scheduler.0.begin=0', 'param_scheduler.0.end=5',
-                    'param_scheduler.1.begin=5', 'param_scheduler.1.end=50']
-    assert compare._schedule_options(DEMO, 200) == []
+    from mmengine.config import Config
+    cfg = Config.fromfile(DEMO)  # warm-up, then poly decay to max_iters
+    total, warmup = cfg.train_cfg.max_iters, cfg.param_scheduler[0].end
+    half = compare._schedule_options(DEMO, total // 2)
+    assert half == [
+        'param_scheduler.0.begin=0', f'param_scheduler.0.end={warmup // 2}',
+        f'param_scheduler.1.begin={warmup // 2}',
+        f'param_scheduler.1.end={total // 2}'
+    ]
+    assert compare._schedule_options(DEMO, total) == []
     assert compare._crop_options(DEMO, (64, 96)) == [
         'train_dataloader.dataset.pipeline.3.crop_size=(64,96)',
         'model.data_preprocessor.size=(64,96)'
@@ -54,7 +59,9 @@ def test_compare_writes_the_report(tmp_path, demo_root):
     try:
         report = compare.compare(
             dict(fp32=TINY, mesa=str(mesa_cfg)), demo_root, str(tmp_path),
-            iters=3, seed=1, train=run_train)
+            iters=3, seed=1, train=run_train,
+            options=['model.decode_head.dropout_ratio=0',
+                     'model.auxiliary_head.dropout_ratio=0'])
     finally:
         torch.set_num_threads(threads)
         mesa.set_backend(backend)
@@ -64,6 +71,10 @@ def test_compare_writes_the_report(tmp_path, demo_root):
         assert len(run['losses']['decode.loss_ce']) == 3
         assert [v['step'] for v in run['val']] == [3]
         assert report['summary'][name]['finite']
+    # same initial weights, no dropout, and the forward pass of Mesa is
+    # exact: the same first loss
+    assert report['runs']['fp32']['losses']['loss'][0] == pytest.approx(
+        report['runs']['mesa']['losses']['loss'][0], rel=1e-5)
     with open(tmp_path / 'report.json') as f:
         assert json.load(f)['setup']['seed'] == 1
     md = (tmp_path / 'report.md').read_text()
