@@ -13,7 +13,7 @@ model = dict(
     # ImageNet-1k weights come from a local file only (never downloaded), in
     # mmseg's key layout (README, "Pretrained weights"):
     #   --cfg-options model.pretrained=pretrained/swin_tiny_patch4_window7_224.pth  # noqa
-    # Microsoft's original file works too with model.backbone.convert_weights=True
+    # (convert Microsoft's original file with mmseg's swin2mmseg.py first)
     pretrained=None,
     backbone=dict(
         embed_dims=96,
