@@ -182,7 +182,7 @@ def test_probe_peak_independent_of_warmup_batch(tiny_configs, eager_mesa):
 @pytest.mark.parametrize('argv,message', [
     (['nope.py', '--baseline', 'nope.py'], 'config file not found: nope.py'),
     (['{cfg}', '--baseline', '{cfg}', '--budget-mb', '9'], '--budget-mb needs --sweep batch'),
-    (['{cfg}', '--baseline', '{cfg}', '--batch', '0'], '--batch and --steps must be >= 1'),
+    (['{cfg}', '--baseline', '{cfg}', '--warmup', '0'], '--warmup must be >= 1'),
 ])
 def test_cli_rejects_bad_input(argv, message, capsys):
     from mesa_seg.memory.cli import parse_args

@@ -43,7 +43,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="input size (default: each config's crop size)")
     p.add_argument('--batch', type=int, default=2, help='images per step (default: 2)')
     p.add_argument('--steps', type=int, default=3, help='timed steps (default: 3)')
-    p.add_argument('--warmup', type=int, default=1, help='untimed steps first (default: 1)')
+    p.add_argument('--warmup', type=int, default=1,
+                   help='untimed steps first, >= 1 (default: 1)')
     p.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
     p.add_argument('--out', default='reports/memory', help='output folder '
                    '(default: reports/memory)')
@@ -62,8 +63,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for path in [args.baseline] + args.configs:
         if not osp.isfile(path):
             p.error(f'config file not found: {path}')
-    if args.batch < 1 or args.steps < 1 or args.warmup < 0:
-        p.error('--batch and --steps must be >= 1, --warmup >= 0')
+    if min(args.batch, args.steps, args.warmup) < 1:
+        p.error('--batch, --steps and --warmup must be >= 1')
     if args.size and min(args.size) < 1:
         p.error('--size must be positive')
     if args.budget_mb is not None and not args.sweep:

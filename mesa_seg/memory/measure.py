@@ -45,7 +45,9 @@ class RunSpec:
         size (tuple[int, int], optional): ``(H, W)``; None = the config's crop
             size. Default: None.
         steps (int): timed training steps. Default: 3.
-        warmup (int): untimed steps first. Default: 1.
+        warmup (int): untimed steps first, at least 1 (the first step creates the
+            optimizer state; after it every step starts and ends at the same
+            memory level). Default: 1.
         device (str): 'cpu' or 'cuda'. Default: 'cpu'.
         cfg_options (dict, optional): merged into the config. Default: None.
         threads (int, optional): ``torch.set_num_threads``. Default: None.
@@ -72,8 +74,8 @@ class RunSpec:
     def __post_init__(self):
         if self.size is not None:
             self.size = tuple(int(s) for s in self.size)
-        if self.batch < 1 or self.steps < 1 or self.warmup < 0:
-            raise ValueError(f'batch and steps must be >= 1 and warmup >= 0, got {self}')
+        if min(self.batch, self.steps, self.warmup) < 1:
+            raise ValueError(f'batch, steps and warmup must be >= 1, got {self}')
         if self.device not in ('cpu', 'cuda'):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
 

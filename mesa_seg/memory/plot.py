@@ -151,10 +151,11 @@ def plot_report(report: Dict, path: str) -> None:
                  fontsize=12, x=0.01, ha='left')
     peak_how = ("the CPU allocator's peak of live tensor bytes" if cpu else
                 'torch.cuda.max_memory_allocated')
-    fig.text(0.01, 0.005, 'Activation memory: bytes autograd keeps for backward after the '
-             f'forward + loss.\nPeak: {peak_how} during a training step (forward, backward, '
-             f'optimizer step). Ratios are to {report["baseline"]}.', fontsize=8,
-             color='#555555', ha='left', va='bottom')
+    # a figure-level label gets its own room in the constrained layout
+    fig.supxlabel('Activation memory: bytes autograd keeps for backward after the '
+                  f'forward + loss.\nPeak: {peak_how} during a training step (forward, '
+                  f'backward, optimizer step). Ratios are to {report["baseline"]}.',
+                  fontsize=8, color='#555555', x=0.01, ha='left')
     fig.get_layout_engine().set(h_pad=0.12)
     fig.savefig(path, dpi=150)
     plt.close(fig)
