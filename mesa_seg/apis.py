@@ -231,6 +231,10 @@ def build_runner(cfg: Config):
     """Build the Runner as mmseg's tools do (``runner_type`` honoured)."""
     from mmengine.runner import Runner
     from mmseg.registry import RUNNERS
+    if cfg.get('visualizer') is not None:
+        # mmengine reuses a visualizer instance by name: a second run in one
+        # process would log into the first run's work dir.
+        cfg.visualizer.name = f"{cfg.visualizer.get('name', 'visualizer')}_{cfg.work_dir}"
     if 'runner_type' not in cfg:
         return Runner.from_cfg(cfg)
     return RUNNERS.build(cfg)

@@ -184,6 +184,10 @@ def _kernel(name: str):
         return _EAGER[name]
     fn = _compiled.get(name)
     if fn is None:
+        # Layouts (groups == 1, outer == 1) and dtypes each add a compiled variant;
+        # dynamo's default limit of 8 is too low for a process that builds many
+        # models (a test session) and would send every kernel to eager for good.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         fn = _compiled[name] = torch.compile(_FUSED[name], dynamic=True, fullgraph=True)
     return fn
 
@@ -196,7 +200,9 @@ def _run(name: str, *args):
     # to eager for good.
     args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     try:
-        return _kernel(name)(*args)
+        # Kernels cast explicitly; autocast state would only add recompiles.
+        with torch.autocast(args[0].device.type, enabled=False):
+            return _kernel(name)(*args)
     except Exception as err:  # noqa: BLE001 - any inductor/toolchain failure
         if get_backend() == 'eager' or _compile_failed:
             raise
