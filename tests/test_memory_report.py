@@ -63,6 +63,7 @@ def test_allocator_trace_counts_exact_bytes():
     assert start == MiB
     assert peak == MiB + 3 * MiB + 40
     assert trace.end_level == MiB + 40
+    assert 'aten::clone' in trace.peak_ops('w')  # the allocation that made the peak
     del kept, kept2
 
 

@@ -241,7 +241,7 @@ def measure(spec: RunSpec, progress: Callable[[str], None] = lambda phase: None)
             start, peak = trace.levels('step')
             result.update(peak_source='CPU allocator events (torch.profiler, profile_memory)',
                           step_start=setup.end_level + start, peak=setup.end_level + peak,
-                          step_drift=trace.end_level - start)
+                          step_drift=trace.end_level - start, peak_at=trace.peak_ops('step'))
         if spec.peak_only:
             return result
     except torch.OutOfMemoryError:

@@ -105,6 +105,7 @@ class CPUAllocatorTrace:
                              record_shapes=False, with_stack=False)
         self._names: List[str] = []
         self._levels: Dict[str, Tuple[int, int]] = {}
+        self._peak_ops: Dict[str, List[str]] = {}
         self.end_level: Optional[int] = None  #: the level when the trace ended
 
     def __enter__(self) -> 'CPUAllocatorTrace':
@@ -130,6 +131,12 @@ class CPUAllocatorTrace:
             raise RuntimeError('CPUAllocatorTrace: levels are available after the trace ends')
         return self._levels[name]
 
+    def peak_ops(self, name: str) -> List[str]:
+        """The profiler events running when window ``name`` peaked, outermost
+        first (e.g. the backward node, then the aten op that allocated)."""
+        self.levels(name)
+        return self._peak_ops[name]
+
     def _summarize(self) -> None:
         events = self._prof.profiler.kineto_results.events()
         mem = sorted((e.start_ns(), e.nbytes()) for e in events
@@ -143,8 +150,15 @@ class CPUAllocatorTrace:
             raise RuntimeError(f'CPUAllocatorTrace: no profiler span for window(s) {missing}')
         times = [t for t, _ in mem]
         cumulative = list(accumulate(n for _, n in mem))
+        ops = [e for e in events if e.name() != '[memory]'
+               and not e.name().startswith('mesa_seg.memory::')]
         for name, (t0, t1) in spans.items():
             i, j = bisect_left(times, t0), bisect_right(times, t1)
             start = cumulative[i - 1] if i else 0
-            self._levels[name] = (start, max(cumulative[i:j], default=start))
+            at = max(range(i, j), key=cumulative.__getitem__, default=None)
+            self._levels[name] = (start, start if at is None else cumulative[at])
+            enclosing = [] if at is None else sorted(
+                (e for e in ops if e.start_ns() <= times[at] <= e.end_ns()),
+                key=lambda e: e.start_ns() - e.end_ns())  # longest first
+            self._peak_ops[name] = [e.name() for e in enclosing]
         self.end_level = cumulative[-1] if cumulative else 0

@@ -152,12 +152,33 @@ def largest_table(r: Dict, top: int = 8) -> List[str]:
     return _table(['MiB', 'part', 'op', 'module', 'tensor'], rows, 'rllll')
 
 
+def peak_context(ops: Optional[List[str]]) -> str:
+    """``['autograd::engine::evaluate_function: XBackward0', 'XBackward0', 'aten::y']``
+    -> ``'XBackward0 › aten::y'``: the profiler events running at the peak."""
+    if not ops:
+        return '–'
+    prefix = 'autograd::engine::evaluate_function: '
+    names: List[str] = []
+    for op in ops:
+        op = op[len(prefix):] if op.startswith(prefix) else op
+        if not names or names[-1] != op:
+            names.append(op)
+    return ' › '.join(f'`{n}`' for n in names[-3:])
+
+
 def composition_table(results: List[Dict]) -> List[str]:
-    rows = [[r['name'], _mib(r.get('params')), _mib(r.get('optimizer_state')),
-             _mib(r['step_start']), _mib(r['peak'] - r['step_start']), _mib(r['peak'])]
-            for r in results if not r.get('oom')]
-    return _table(['config', 'weights', 'optimizer state', 'at step start',
-                   'added by the step', 'peak'], rows)
+    cpu = any('peak_at' in r for r in results)
+    rows = []
+    for r in results:
+        if r.get('oom'):
+            continue
+        row = [r['name'], _mib(r.get('params')), _mib(r.get('optimizer_state')),
+               _mib(r['step_start']), _mib(r['peak'] - r['step_start']), _mib(r['peak'])]
+        rows.append(row + [peak_context(r.get('peak_at'))] if cpu else row)
+    header = ['config', 'weights', 'optimizer state', 'at step start', 'added by the step',
+              'peak']
+    return _table(header + ['peak reached in'] if cpu else header, rows,
+                  'lrrrrr' + 'l' * cpu)
 
 
 def crosscheck_table(results: List[Dict]) -> List[str]:
@@ -223,7 +244,8 @@ def write_markdown(report: Dict, path: str) -> None:
     lines += ['', '## Peak training memory: what is resident, what a step adds (MiB)', '',
               'At step start: weights, optimizer state, buffers and the batch (gradients '
               'are freed by the previous step). Added by the step: activations kept for '
-              'backward, gradients, temporaries.', '']
+              'backward, gradients, temporaries. Peak reached in: the profiler events '
+              '(backward node, op) running when the CPU allocator peaked.', '']
     lines += composition_table(results)
     lines += ['', '## Activation memory by part (MiB)', '']
     lines += part_table(results)
