@@ -2,5 +2,5 @@
 _base_ = './fpn_pvt_s.py'
 model = dict(
     type='MesaEncoderDecoder',
-    mesa=dict(groups='channels'),
+    mesa=dict(),
     backbone=dict(type='MesaPVT', mesa=dict()))

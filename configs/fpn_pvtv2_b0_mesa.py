@@ -2,5 +2,5 @@
 _base_ = './fpn_pvtv2_b0.py'
 model = dict(
     type='MesaEncoderDecoder',
-    mesa=dict(groups='channels'),
+    mesa=dict(),
     backbone=dict(type='MesaPVTv2', mesa=dict()))

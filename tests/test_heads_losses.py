@@ -186,6 +186,18 @@ def test_unsupported_loss_keeps_mmseg_path(caplog):
     assert torch.isfinite(losses['aux.loss_ce']) and torch.isfinite(losses['aux.loss_dice'])
 
 
+def test_head_policy_defaults_per_channel_widened_ranges():
+    model = MODELS.build(_segmentor_cfg(mesa=dict()))
+    convs = [m for m in model.decode_head.modules() if isinstance(m, MesaConv2d)]
+    assert convs
+    for conv in convs:
+        assert conv.quantizer.widen and conv.quantizer.groups == conv.in_channels
+    # Options given in the config update the defaults.
+    model = MODELS.build(_segmentor_cfg(mesa=dict(widen_to_batch=False, groups=1)))
+    assert not any(m.quantizer.widen or m.quantizer.groups != 1
+                   for m in model.decode_head.modules() if isinstance(m, MesaConv2d))
+
+
 def test_fused_head_state_dict_and_deepcopy():
     model = MODELS.build(_segmentor_cfg(mesa=dict(groups='channels')))
     clone = copy.deepcopy(model)

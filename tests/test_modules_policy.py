@@ -343,10 +343,14 @@ def test_policy_from_cfg():
 
 def test_policy_options_reach_the_quantizers():
     torch.manual_seed(0)
-    model = mesafy_(Net(), dict(momentum=0.5, stochastic_rounding=False, sync_stats=True))
+    model = mesafy_(Net(), dict(momentum=0.5, stochastic_rounding=False, sync_stats=True,
+                                widen_to_batch=True))
     quantizers = [m for _, m in mesa_modules(model) if hasattr(m, 'quantizer')]
+    assert quantizers
     assert all(q.quantizer.momentum == 0.5 and not q.quantizer.stochastic and q.quantizer.sync
-               for q in quantizers)
+               and q.quantizer.widen for q in quantizers)
+    plain = mesafy_(Net(), dict())
+    assert not any(m.quantizer.widen for _, m in mesa_modules(plain) if hasattr(m, 'quantizer'))
 
 
 @pytest.mark.parametrize('cfg, error', [

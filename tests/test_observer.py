@@ -95,6 +95,49 @@ def test_quantizer_updates_before_quantizing_and_saturates():
     assert torch.isfinite(x_hat).all()
 
 
+def test_widen_covers_the_batch_and_keeps_the_ema():
+    plain, wide = RunningRange(groups=3), RunningRange(groups=3, widen=True)
+    x1, x2 = _batch(seed=1), _batch(scale=4.0, shift=1.0, seed=2)  # x2 outgrows the EMA
+    for obs in (plain, wide):
+        obs(x1)
+    lo_p, rng_p = plain(x2)
+    lo_w, rng_w = wide(x2)
+    # Same running estimates (the EMA is not widened)...
+    assert torch.equal(wide.running_min, plain.running_min)
+    assert torch.equal(wide.running_range, plain.running_range)
+    # ...the plain range clips this batch, the widened one is the union of both.
+    bmin, bmax = x2.amin((0, 2)), x2.amax((0, 2))
+    assert ((bmin < lo_p) | (bmax > lo_p + rng_p)).all()
+    assert torch.equal(lo_w, torch.minimum(lo_p, bmin))
+    torch.testing.assert_close(lo_w + rng_w, torch.maximum(lo_p + rng_p, bmax))
+    # A batch inside the running range is quantized with the running range itself.
+    x3 = x1 * 0.1
+    lo_p3, rng_p3 = plain(x3)
+    lo_w3, rng_w3 = wide(x3)
+    assert torch.equal(lo_w3, lo_p3) and torch.equal(rng_w3, rng_p3)
+
+
+def test_widened_quantizer_never_saturates():
+    quant = ActivationQuantizer(groups=2, dim=-1, stochastic=False, widen=True)
+    quant.pack(torch.rand(4, 6, 8))
+    x2 = torch.rand(4, 6, 8) * 100.0 - 50.0   # far outside the running range
+    packed = quant.pack(x2)
+    x_hat = quant.unpack(packed, x2.shape, x2.dtype)
+    step = (packed.rng / QMAX).max()
+    assert (x_hat - x2).abs().max() <= step / 2 + 1e-4  # nearest rounding, no clipping
+    assert 'widen=True' in repr(quant)
+
+
+def test_widen_keeps_nan_groups_nan():
+    obs = RunningRange(groups=3, widen=True)
+    obs(_batch(seed=1))
+    x = _batch(seed=2)
+    x[:, 1, 0] = NAN
+    lo, rng = obs(x)
+    assert torch.isnan(lo[1]) and torch.isnan(rng[1])
+    assert torch.isfinite(lo[[0, 2]]).all() and torch.isfinite(rng[[0, 2]]).all()
+
+
 def test_quantizer_uses_training_flag():
     quant = ActivationQuantizer(groups=1)
     quant.pack(torch.randn(4, 8))

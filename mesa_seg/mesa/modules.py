@@ -44,7 +44,7 @@ class MesaModule:
     _quantized: tuple = ('quantizer',)
 
     def _init_mesa(self, groups: int = 1, momentum: float = 0.9, stochastic: bool = True,
-                   sync: bool = False, enabled: bool = True) -> None:
+                   sync: bool = False, enabled: bool = True, widen: bool = False) -> None:
         channels = self._channels()
         if channels is not None and channels % groups:
             raise ValueError(f'{type(self).__name__}: groups={groups} does not divide the '
@@ -52,7 +52,7 @@ class MesaModule:
         self.mesa_enabled = enabled
         for name in self._quantized:
             self.add_module(name, ActivationQuantizer(groups, self._group_dim, momentum,
-                                                      stochastic, sync))
+                                                      stochastic, sync, widen))
 
     def _channels(self) -> Optional[int]:
         """Size of the grouped axis when known at construction (for validation)."""
@@ -66,8 +66,8 @@ class MesaModule:
 
     @classmethod
     def from_float(cls, module: nn.Module, groups: int = 1, momentum: float = 0.9,
-                   stochastic: bool = True, sync: bool = False, enabled: bool = True
-                   ) -> nn.Module:
+                   stochastic: bool = True, sync: bool = False, enabled: bool = True,
+                   widen: bool = False) -> nn.Module:
         """Mesa twin of ``module``: same parameters (shared, not copied), buffers,
         hooks and constructor options (eps, stride, approximate, ...)."""
         new = copy.copy(module)
@@ -75,7 +75,7 @@ class MesaModule:
         new._modules = OrderedDict(module._modules)
         new._buffers = OrderedDict(module._buffers)
         new.__class__ = cls
-        new._init_mesa(groups, momentum, stochastic, sync, enabled)
+        new._init_mesa(groups, momentum, stochastic, sync, enabled, widen)
         return new
 
     def to_float(self) -> nn.Module:
@@ -98,14 +98,15 @@ class MesaLinear(MesaModule, nn.Linear):
         momentum (float): running-range momentum. Default: 0.9.
         stochastic (bool): stochastic rounding. Default: True.
         sync (bool): all-reduce range statistics across ranks. Default: False.
+        widen (bool): widen the running range to cover each batch. Default: False.
         enabled (bool): use Mesa in training. Default: True.
     """
     _float_type = nn.Linear
 
     def __init__(self, *args, groups=1, momentum=0.9, stochastic=True, sync=False,
-                 enabled=True, **kwargs):
+                 enabled=True, widen=False, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_mesa(groups, momentum, stochastic, sync, enabled)
+        self._init_mesa(groups, momentum, stochastic, sync, enabled, widen)
 
     def _channels(self):
         return self.in_features
@@ -126,10 +127,10 @@ class MesaConv2d(MesaModule, nn.Conv2d):
     _group_dim = 1
 
     def __init__(self, *args, groups_mesa=1, momentum=0.9, stochastic=True, sync=False,
-                 enabled=True, **kwargs):
+                 enabled=True, widen=False, **kwargs):
         # ``groups`` is taken by Conv2d (grouped convolution), hence ``groups_mesa``.
         super().__init__(*args, **kwargs)
-        self._init_mesa(groups_mesa, momentum, stochastic, sync, enabled)
+        self._init_mesa(groups_mesa, momentum, stochastic, sync, enabled, widen)
 
     def _channels(self):
         return self.in_channels
@@ -158,9 +159,9 @@ class MesaLayerNorm(MesaModule, nn.LayerNorm):
     _float_type = nn.LayerNorm
 
     def __init__(self, *args, groups=1, momentum=0.9, stochastic=True, sync=False,
-                 enabled=True, **kwargs):
+                 enabled=True, widen=False, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_mesa(groups, momentum, stochastic, sync, enabled)
+        self._init_mesa(groups, momentum, stochastic, sync, enabled, widen)
 
     def _channels(self):
         return self.normalized_shape[-1]
@@ -177,9 +178,9 @@ class MesaGELU(MesaModule, nn.GELU):
     _float_type = nn.GELU
 
     def __init__(self, *args, groups=1, momentum=0.9, stochastic=True, sync=False,
-                 enabled=True, **kwargs):
+                 enabled=True, widen=False, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_mesa(groups, momentum, stochastic, sync, enabled)
+        self._init_mesa(groups, momentum, stochastic, sync, enabled, widen)
 
     def forward(self, x):
         if not self._use_mesa(x):
@@ -194,9 +195,9 @@ class MesaSoftmax(MesaModule, nn.Softmax):
     _group_dim = 1
 
     def __init__(self, *args, groups=1, momentum=0.9, stochastic=True, sync=False,
-                 enabled=True, **kwargs):
+                 enabled=True, widen=False, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_mesa(groups, momentum, stochastic, sync, enabled)
+        self._init_mesa(groups, momentum, stochastic, sync, enabled, widen)
 
     def forward(self, x):
         if not self._use_mesa(x):
@@ -212,9 +213,10 @@ class MesaMatMul(MesaModule, MatMul):
     _group_dim = 1
     _quantized = ('quantizer_a', 'quantizer_b')
 
-    def __init__(self, groups=1, momentum=0.9, stochastic=True, sync=False, enabled=True):
+    def __init__(self, groups=1, momentum=0.9, stochastic=True, sync=False, enabled=True,
+                 widen=False):
         super().__init__()
-        self._init_mesa(groups, momentum, stochastic, sync, enabled)
+        self._init_mesa(groups, momentum, stochastic, sync, enabled, widen)
 
     def forward(self, a, b):
         if not self._use_mesa(a, b) or a.dim() < 2 or b.dim() < 2:
@@ -232,10 +234,10 @@ class MesaBatchNorm2d(MesaModule, nn.BatchNorm2d):
     _group_dim = 1
 
     def __init__(self, *args, groups=1, momentum_mesa=0.9, stochastic=True, sync=False,
-                 enabled=True, **kwargs):
+                 enabled=True, widen=False, **kwargs):
         # ``momentum`` is taken by BatchNorm (running stats), hence ``momentum_mesa``.
         super().__init__(*args, **kwargs)
-        self._init_mesa(groups, momentum_mesa, stochastic, sync, enabled)
+        self._init_mesa(groups, momentum_mesa, stochastic, sync, enabled, widen)
 
     def _channels(self):
         return self.num_features
@@ -262,7 +264,8 @@ class MesaReLU(MesaModule, nn.ReLU):
         super().__init__(*args, **kwargs)
         self.mesa_enabled = enabled
 
-    def _init_mesa(self, groups=1, momentum=0.9, stochastic=True, sync=False, enabled=True):
+    def _init_mesa(self, groups=1, momentum=0.9, stochastic=True, sync=False, enabled=True,
+                   widen=False):
         self.mesa_enabled = enabled
 
     def forward(self, x):

@@ -9,6 +9,13 @@ batch is quantized::
     afterwards:   beta  <- m * beta  + (1 - m) * min
                   alpha <- m * alpha + (1 - m) * (max - min)       (m = momentum)
 
+With ``widen`` the range used for *this batch* is the running range widened to
+cover the batch's own min/max (the estimates stay the plain EMA above), so no
+value saturates. Conv heads trained from scratch need it: their activations grow
+faster than the EMA follows, and groups with few values (pooled 1x1 maps) swing
+past it every step; clipped there, up to half of a layer's stored inputs
+saturated and the gradients stopped tracking FP32's.
+
 Non-finite statistics (a NaN/Inf activation) never enter the estimates: the
 group keeps its previous range, and the range *returned for this batch* is NaN,
 so its dequantized copy is NaN and the gradient shows the fault instead of a
@@ -38,9 +45,12 @@ class RunningRange(nn.Module):
             default: estimates only shape the rounding grid of each rank's own
             saved activations, and syncing costs two collectives per layer per
             step. Default: False.
+        widen (bool): quantize with the running range widened to cover the
+            batch (see the module docstring). Default: False.
     """
 
-    def __init__(self, groups: int = 1, momentum: float = 0.9, sync: bool = False):
+    def __init__(self, groups: int = 1, momentum: float = 0.9, sync: bool = False,
+                 widen: bool = False):
         super().__init__()
         if not isinstance(groups, int) or groups < 1:
             raise ValueError(f'groups must be a positive int, got {groups!r}')
@@ -49,6 +59,7 @@ class RunningRange(nn.Module):
         self.groups = groups
         self.momentum = momentum
         self.sync = sync
+        self.widen = widen
         self.register_buffer('running_min', torch.zeros(groups))
         self.register_buffer('running_range', torch.zeros(groups))
         # Per group, so a group first seen with non-finite values still initialises
@@ -56,7 +67,8 @@ class RunningRange(nn.Module):
         self.register_buffer('initialized', torch.zeros(groups, dtype=torch.bool))
 
     def extra_repr(self) -> str:
-        return f'groups={self.groups}, momentum={self.momentum}, sync={self.sync}'
+        return (f'groups={self.groups}, momentum={self.momentum}, sync={self.sync}, '
+                f'widen={self.widen}')
 
     @torch.no_grad()
     def forward(self, x3: torch.Tensor, update: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +95,10 @@ class RunningRange(nn.Module):
         # Uninitialised groups (eval of a fresh module) fall back to this batch's range.
         lo = torch.where(self.initialized, self.running_min, bmin)
         rng = torch.where(self.initialized, self.running_range, brange)
+        if self.widen:
+            hi = torch.maximum(lo + rng, bmax)
+            lo = torch.minimum(lo, bmin)
+            rng = hi - lo
         return torch.where(finite, lo, nan), torch.where(finite, rng, nan)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,

@@ -60,6 +60,10 @@ class MesaPolicy:
             Default: True.
         sync_stats (bool): all-reduce range statistics across ranks (identical
             estimates everywhere, two collectives per layer per step). Default: False.
+        widen_to_batch (bool): quantize each batch with the running range widened
+            to cover the batch's min/max, so nothing saturates (the estimates stay
+            the EMA). False is the paper's running range, where outliers saturate.
+            Default: False.
     """
     enabled: bool = True
     layers: Tuple[str, ...] = tuple(LAYER_TYPES)
@@ -70,6 +74,7 @@ class MesaPolicy:
     momentum: float = 0.9
     stochastic_rounding: bool = True
     sync_stats: bool = False
+    widen_to_batch: bool = False
 
     def __post_init__(self):
         for name in ('layers', 'include', 'exclude'):
@@ -187,7 +192,8 @@ def mesafy_(model: nn.Module, policy: Union[MesaPolicy, Mapping, None] = None,
             return spec[1].from_float(module, groups=_resolve_groups(policy, module, name, heads),
                                       momentum=policy.momentum,
                                       stochastic=policy.stochastic_rounding,
-                                      sync=policy.sync_stats)
+                                      sync=policy.sync_stats,
+                                      widen=policy.widen_to_batch)
         except ValueError as err:
             raise ValueError(f"Mesa: cannot convert '{name or type(module).__name__}': "
                              f'{err}') from None

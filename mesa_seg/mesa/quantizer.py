@@ -36,11 +36,13 @@ class ActivationQuantizer(RunningRange):
         stochastic (bool): stochastic rounding (unbiased); round-to-nearest
             otherwise. Default: True.
         sync (bool): all-reduce statistics across ranks. Default: False.
+        widen (bool): widen the running range to cover each batch (no
+            saturation). Default: False.
     """
 
     def __init__(self, groups: int = 1, dim: int = -1, momentum: float = 0.9,
-                 stochastic: bool = True, sync: bool = False):
-        super().__init__(groups, momentum, sync)
+                 stochastic: bool = True, sync: bool = False, widen: bool = False):
+        super().__init__(groups, momentum, sync, widen)
         self.dim = dim
         self.stochastic = stochastic
         # Stochastic-rounding seeds come from (salt, step), not from torch's global
