@@ -367,3 +367,43 @@ def test_saves_only_what_backward_needs():
     _, torch_bytes = saved_bytes(lambda: ref(a, b))
     _, mesa_bytes = saved_bytes(lambda: model(a, b))
     assert mesa_bytes <= 0.26 * torch_bytes
+
+
+@pytest.mark.parametrize('quant_groups', [1, 2, 8])
+@pytest.mark.parametrize('input_grad', [True, False])
+def test_conv_backward_in_channel_blocks_matches_whole_input(monkeypatch, quant_groups,
+                                                             input_grad):
+    """Wide conv inputs are dequantized a channel block at a time in backward
+    (``CONV_BACKWARD_CHUNK_BYTES``): same gradients as dequantizing them whole."""
+    from mesa_seg.mesa import MesaConv2d, ops
+    torch.manual_seed(0)
+    ref = nn.Conv2d(8, 6, 3, stride=2, padding=2, dilation=2)
+    x = torch.randn(3, 8, 11, 11, requires_grad=input_grad)
+    gy = None
+    grads = {}
+    for chunk_bytes in (2**40, 1, 3 * 4 * 11 * 11 * 3):  # whole, one channel, 3 channels
+        monkeypatch.setattr(ops, 'CONV_BACKWARD_CHUNK_BYTES', chunk_bytes)
+        mesa = MesaConv2d.from_float(copy.deepcopy(ref), groups=quant_groups,
+                                     stochastic=False)
+        y = mesa(x)
+        gy = torch.randn_like(y) if gy is None else gy
+        leaves = ([x] if input_grad else []) + [mesa.weight, mesa.bias]
+        grads[chunk_bytes] = torch.autograd.grad(y, leaves, gy)
+    whole = grads.pop(2**40)
+    for blocked in grads.values():
+        for a, b in zip(blocked, whole):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_channel_blocks_dequantize_to_the_whole_input():
+    from mesa_seg.mesa import ops
+    quant = ActivationQuantizer(groups=4, dim=1, stochastic=False)
+    x = torch.randn(2, 8, 5, 5)
+    packed = quant.pack(x)
+    whole = ActivationQuantizer.unpack(packed, x.shape, x.dtype)
+    blocks = [ops._unpack_channels(packed, x.shape, x.dtype, c, min(8, c + 3))
+              for c in range(0, 8, 3)]
+    assert torch.equal(torch.cat(blocks, 1), whole)
+    assert ops._channel_blocks(torch.Size((2, 2048, 128, 128)), torch.float32, 1) == 8
+    assert ops._channel_blocks(torch.Size((2, 2048, 128, 128)), torch.float32, 4) == 1
+    assert ops._channel_blocks(torch.Size((2, 96, 128, 128)), torch.float32, 1) == 1

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 
-from .primitives import pack_bits, unpack_bits
+from .primitives import dequantize, pack_bits, unpack_bits
 from .quantizer import ActivationQuantizer, Packed
 
 __all__ = ['linear', 'conv2d', 'layer_norm', 'gelu', 'softmax', 'matmul', 'batch_norm', 'relu']
@@ -109,6 +109,13 @@ def linear(x, weight, bias, quantizer):
 
 
 # ---------------------------------------------------------------------- conv2d
+#: Largest dequantized input slice a conv backward materialises at once. Wide
+#: conv inputs (UPerHead's 2048-channel bottleneck: 256 MB at 512², batch 2)
+#: are dequantized a channel block at a time, so backward holds one block (and
+#: the backend's blocked-layout copies of it) instead of the whole input.
+CONV_BACKWARD_CHUNK_BYTES = 32 * 2**20
+
+
 class _Conv2d(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, quantizer):
@@ -125,18 +132,56 @@ class _Conv2d(Function):
         packed, (weight,) = _load(ctx)
         shape, dt, x_dtype, has_bias, stride, padding, dilation, groups = ctx.meta
         need = ctx.needs_input_grad
-        if packed is not None:
-            x_hat = ActivationQuantizer.unpack(packed, shape, dt)
-        else:  # only the input gradient is needed: it reads the input's shape alone
-            x_hat = gy.new_zeros(()).expand(shape)
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            gy, x_hat, _cast(weight, dt), [weight.shape[0]] if has_bias else None,
-            stride, padding, dilation, False, [0, 0], groups,
-            [need[0], need[1], has_bias and need[2]])
+        w = _cast(weight, dt)
+        conv_args = (stride, padding, dilation, False, [0, 0], groups)
+        blocks = _channel_blocks(shape, dt, groups) if packed is not None else 1
+        if blocks == 1:
+            if packed is not None:
+                x_hat = ActivationQuantizer.unpack(packed, shape, dt)
+            else:  # only the input gradient is needed: it reads the input's shape alone
+                x_hat = gy.new_zeros(()).expand(shape)
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                gy, x_hat, w, [weight.shape[0]] if has_bias else None, *conv_args,
+                [need[0], need[1], has_bias and need[2]])
+        else:
+            # Input channel c's gradients read only x[:, c] and w[:, c]: exact per block.
+            gx = gy.new_empty(shape) if need[0] else None
+            gw = torch.empty_like(w)
+            step = -(-shape[1] // blocks)
+            for c0 in range(0, shape[1], step):
+                c1 = min(shape[1], c0 + step)
+                x_hat = _unpack_channels(packed, shape, dt, c0, c1)
+                gx_c, gw_c, _ = torch.ops.aten.convolution_backward(
+                    gy, x_hat, w[:, c0:c1], None, *conv_args, [need[0], True, False])
+                del x_hat
+                if gx is not None:
+                    gx[:, c0:c1] = gx_c
+                gw[:, c0:c1] = gw_c
+                del gx_c, gw_c
+            gb = gy.sum((0, 2, 3)) if has_bias and need[2] else None
         return (None if gx is None else gx.to(x_dtype),
                 None if gw is None else gw.to(weight.dtype),
                 None if gb is None else gb.to(weight.dtype),
                 None, None, None, None, None)
+
+
+def _channel_blocks(shape: torch.Size, dtype: torch.dtype, groups: int) -> int:
+    """Channel blocks for a conv backward (1: dequantize the input whole)."""
+    if groups != 1:  # a grouped conv's weight does not split along input channels alone
+        return 1
+    nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
+    return max(1, min(shape[1], -(-nbytes // CONV_BACKWARD_CHUNK_BYTES)))
+
+
+def _unpack_channels(packed: Packed, shape: torch.Size, dtype: torch.dtype,
+                     c0: int, c1: int) -> torch.Tensor:
+    """Dequantize input channels ``c0:c1`` of a ``(B, C, H, W)`` activation."""
+    batch, channels = shape[:2]
+    per_group = channels // packed.q.shape[1]
+    codes = packed.q.view(batch, channels, -1)[:, c0:c1].contiguous()
+    lo = packed.lo.repeat_interleave(per_group)[c0:c1]
+    rng = packed.rng.repeat_interleave(per_group)[c0:c1]
+    return dequantize(codes, lo, rng, dtype).view(batch, c1 - c0, *shape[2:])
 
 
 def conv2d(x, weight, bias, stride, padding, dilation, groups, quantizer):
