@@ -51,6 +51,16 @@ def test_resize_cross_entropy_matches_mmseg(align_corners, avg_non_ignore):
     ref.backward()
     fused.backward()
     torch.testing.assert_close(fused_in.grad, logits.grad, rtol=1e-4, atol=1e-7)
+    # The predictions for accuracy come from the same upsampled logits.
+    fused_in.grad = None
+    again, pred = resize_cross_entropy(fused_in, label, align_corners, IGNORE, avg_non_ignore,
+                                       return_pred=True)
+    up = F.interpolate(logits.detach(), size=label.shape[-2:], mode='bilinear',
+                       align_corners=align_corners)
+    assert torch.equal(pred, up.argmax(1)) and not pred.requires_grad
+    assert torch.equal(again, fused)
+    again.backward()
+    torch.testing.assert_close(fused_in.grad, logits.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_resize_cross_entropy_keeps_only_low_resolution_logits():

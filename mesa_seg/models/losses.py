@@ -21,39 +21,49 @@ __all__ = ['resize_cross_entropy', 'fused_loss_supported', 'FusedLossHeadMixin']
 
 
 def _per_image_loss_sum(logits_i: torch.Tensor, label_i: torch.Tensor, size: Tuple[int, int],
-                        align_corners: bool, ignore_index: int) -> torch.Tensor:
+                        align_corners: bool, ignore_index: int,
+                        with_pred: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     up = F.interpolate(logits_i, size=size, mode='bilinear', align_corners=align_corners)
-    return F.cross_entropy(up, label_i, reduction='none', ignore_index=ignore_index).sum()
+    loss = F.cross_entropy(up, label_i, reduction='none', ignore_index=ignore_index).sum()
+    return loss, (up.argmax(1) if with_pred else None)
 
 
 class _ResizeCrossEntropy(Function):
     @staticmethod
-    def forward(ctx, logits, label, align_corners, ignore_index, avg_factor):
+    def forward(ctx, logits, label, align_corners, ignore_index, avg_factor, with_pred):
         size = tuple(label.shape[-2:])
+        total, preds = 0.0, []
         with torch.no_grad():
-            total = sum(_per_image_loss_sum(logits[i:i + 1], label[i:i + 1], size,
-                                            align_corners, ignore_index)
-                        for i in range(logits.shape[0]))
+            for i in range(logits.shape[0]):
+                loss_i, pred_i = _per_image_loss_sum(logits[i:i + 1], label[i:i + 1], size,
+                                                     align_corners, ignore_index, with_pred)
+                total = total + loss_i
+                preds.append(pred_i)
         ctx.save_for_backward(logits, label)
         ctx.meta = (size, align_corners, ignore_index, avg_factor)
-        return total / avg_factor
+        # The predictions come from the same upsampled logits (accuracy needs no
+        # second upsampling pass); they carry no gradient.
+        pred = torch.cat(preds) if with_pred else label.new_empty(0)
+        ctx.mark_non_differentiable(pred)
+        return total / avg_factor, pred
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_pred):
         logits, label = ctx.saved_tensors
         size, align_corners, ignore_index, avg_factor = ctx.meta
         grad_logits = torch.empty_like(logits)
         for i in range(logits.shape[0]):
             with torch.enable_grad():
                 li = logits[i:i + 1].detach().requires_grad_()
-                loss_i = _per_image_loss_sum(li, label[i:i + 1], size, align_corners,
-                                             ignore_index) / avg_factor
-                (grad_logits[i:i + 1],) = torch.autograd.grad(loss_i, li, grad)
-        return grad_logits, None, None, None, None
+                loss_i, _ = _per_image_loss_sum(li, label[i:i + 1], size, align_corners,
+                                                ignore_index)
+                (grad_logits[i:i + 1],) = torch.autograd.grad(loss_i / avg_factor, li, grad)
+        return grad_logits, None, None, None, None, None
 
 
 def resize_cross_entropy(logits: torch.Tensor, label: torch.Tensor, align_corners: bool = False,
-                         ignore_index: int = 255, avg_non_ignore: bool = False) -> torch.Tensor:
+                         ignore_index: int = 255, avg_non_ignore: bool = False,
+                         return_pred: bool = False):
     """``mean(CE(bilinear_resize(logits, label.shape), label))`` as mmseg computes it.
 
     Args:
@@ -63,9 +73,11 @@ def resize_cross_entropy(logits: torch.Tensor, label: torch.Tensor, align_corner
         ignore_index (int): label ignored (zero loss, zero gradient). Default: 255.
         avg_non_ignore (bool): average over non-ignored pixels (else over all,
             mmseg's default). Default: False.
+        return_pred (bool): also return the ``(B, H, W)`` argmax of the
+            upsampled logits (for accuracy). Default: False.
 
     Returns:
-        Tensor: scalar loss.
+        Tensor: scalar loss; ``(loss, pred)`` with ``return_pred``.
     """
     if avg_non_ignore:
         avg_factor = float(label.numel() - (label == ignore_index).sum().item())
@@ -73,7 +85,9 @@ def resize_cross_entropy(logits: torch.Tensor, label: torch.Tensor, align_corner
         avg_factor = float(label.numel())
     # As mmseg's weight_reduce_loss: sum / (avg_factor + eps).
     avg_factor += torch.finfo(torch.float32).eps
-    return _ResizeCrossEntropy.apply(logits, label, align_corners, ignore_index, avg_factor)
+    loss, pred = _ResizeCrossEntropy.apply(logits, label, align_corners, ignore_index,
+                                           avg_factor, return_pred)
+    return (loss, pred) if return_pred else loss
 
 
 def fused_loss_supported(head) -> Optional[str]:
@@ -103,19 +117,17 @@ class FusedLossHeadMixin:
         seg_label = self._stack_batch_gt(batch_data_samples).squeeze(1)
         losses = self.loss_decode if isinstance(self.loss_decode, torch.nn.ModuleList) \
             else [self.loss_decode]
-        loss = dict()
+        loss, pred = dict(), None
         for loss_decode in losses:
-            value = loss_decode.loss_weight * resize_cross_entropy(
-                seg_logits, seg_label, self.align_corners, self.ignore_index,
-                loss_decode.avg_non_ignore)
+            value = resize_cross_entropy(seg_logits, seg_label, self.align_corners,
+                                         self.ignore_index, loss_decode.avg_non_ignore,
+                                         return_pred=pred is None)
+            if pred is None:
+                value, pred = value
+            value = loss_decode.loss_weight * value
             name = loss_decode.loss_name
             loss[name] = loss[name] + value if name in loss else value
-        with torch.no_grad():  # accuracy needs no graph: upsample one image at a time
-            size = tuple(seg_label.shape[-2:])
-            preds = torch.cat([F.interpolate(seg_logits[i:i + 1], size=size, mode='bilinear',
-                                             align_corners=self.align_corners).argmax(1)
-                               for i in range(seg_logits.shape[0])])
-            loss['acc_seg'] = _accuracy_from_pred(preds, seg_label, self.ignore_index)
+        loss['acc_seg'] = _accuracy_from_pred(pred, seg_label, self.ignore_index)
         return loss
 
 
