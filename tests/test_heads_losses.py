@@ -39,9 +39,11 @@ def _mmseg_loss(logits, label, align_corners, avg_non_ignore):
 
 @pytest.mark.parametrize('align_corners', [False, True])
 @pytest.mark.parametrize('avg_non_ignore', [False, True])
-def test_resize_cross_entropy_matches_mmseg(align_corners, avg_non_ignore):
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+def test_resize_cross_entropy_matches_mmseg(align_corners, avg_non_ignore, memory_format):
     torch.manual_seed(0)
-    logits = torch.randn(2, NUM_CLASSES, SIZE // 4, SIZE // 4, requires_grad=True)
+    logits = torch.randn(2, NUM_CLASSES, SIZE // 4, SIZE // 4).to(memory_format=memory_format)
+    logits.requires_grad_()
     fused_in = logits.detach().clone().requires_grad_()
     label = _labels()
     ref = _mmseg_loss(logits, label, align_corners, avg_non_ignore)
