@@ -227,8 +227,8 @@ def write_initial_weights(config: str, seed: int, path: str) -> str:
     ``init_weights``) and save its weights to ``path``.
 
     Loaded with ``load_from`` by every run, so all start from the same
-    weights by construction, whatever else the configs build differently
-    (building Mesa layers itself leaves the global RNG alone).
+    weights: Mesa layers consume RNG when they are built, which would
+    otherwise give the Mesa model other initial weights under the same seed.
     """
     import torch
     from mmengine.config import Config

@@ -138,26 +138,6 @@ def test_widen_keeps_nan_groups_nan():
     assert torch.isfinite(lo[[0, 2]]).all() and torch.isfinite(rng[[0, 2]]).all()
 
 
-def test_building_mesa_layers_leaves_the_global_rng_alone():
-    from torch import nn
-
-    from mesa_seg.mesa import mesafy_
-
-    def build():
-        return nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))
-
-    torch.manual_seed(0)
-    plain = build()
-    after_plain = torch.rand(3)
-    torch.manual_seed(0)
-    mesa = mesafy_(build(), dict())
-    assert torch.equal(torch.rand(3), after_plain)  # same draws follow the build
-    for (name, p), (_, q) in zip(plain.named_parameters(), mesa.named_parameters()):
-        assert torch.equal(p, q), name
-    salts = [m.rounding_salt for m in mesa.modules() if isinstance(m, ActivationQuantizer)]
-    assert len(set(int(s) for s in salts)) == len(salts) == 3  # one salt per layer
-
-
 def test_quantizer_uses_training_flag():
     quant = ActivationQuantizer(groups=1)
     quant.pack(torch.randn(4, 8))

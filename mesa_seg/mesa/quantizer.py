@@ -1,7 +1,6 @@
 """The per-layer activation quantizer: grouping + running range + (de)quantize."""
 from __future__ import annotations
 
-import itertools
 from typing import NamedTuple, Tuple
 
 import torch
@@ -13,8 +12,6 @@ __all__ = ['ActivationQuantizer', 'Packed']
 
 _SEED_MOD = 2**31 - 1
 _STEP_STRIDE = 1_000_003  # a prime: consecutive steps land far apart in seed space
-_SALT_STRIDE = 2_654_435_761  # Knuth's multiplicative hash: consecutive layers far apart
-_layer_count = itertools.count(1)
 
 
 class Packed(NamedTuple):
@@ -53,9 +50,7 @@ class ActivationQuantizer(RunningRange):
         # forward with Mesa off, and drawing from the global RNG there would change
         # the recomputed dropout/drop-path masks (wrong gradients). As buffers they
         # are checkpointed, so a resumed run rounds exactly as an uninterrupted one.
-        # The salt counts layers instead of drawing from the global RNG, so a Mesa
-        # model and its FP32 twin built under one seed get the same initial weights.
-        salt = next(_layer_count) * _SALT_STRIDE % _SEED_MOD
+        salt = int(torch.randint(0, _SEED_MOD, ()))  # deterministic under the build seed
         self.register_buffer('rounding_salt', torch.tensor(salt, dtype=torch.int64))
         self.register_buffer('rounding_step', torch.tensor(0, dtype=torch.int64))
 
