@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 
-from .primitives import dequantize, pack_bits, unpack_bits
+from .primitives import pack_bits, unpack_bits
 from .quantizer import ActivationQuantizer, Packed
 
 __all__ = ['linear', 'conv2d', 'layer_norm', 'gelu', 'softmax', 'matmul', 'batch_norm', 'relu']
@@ -169,7 +169,7 @@ def _channel_blocks(shape: torch.Size, dtype: torch.dtype, groups: int) -> int:
     """Channel blocks for a conv backward (1: dequantize the input whole)."""
     if groups != 1:  # a grouped conv's weight does not split along input channels alone
         return 1
-    nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
+    nbytes = shape.numel() * dtype.itemsize
     return max(1, min(shape[1], -(-nbytes // CONV_BACKWARD_CHUNK_BYTES)))
 
 
@@ -178,10 +178,11 @@ def _unpack_channels(packed: Packed, shape: torch.Size, dtype: torch.dtype,
     """Dequantize input channels ``c0:c1`` of a ``(B, C, H, W)`` activation."""
     batch, channels = shape[:2]
     per_group = channels // packed.q.shape[1]
-    codes = packed.q.view(batch, channels, -1)[:, c0:c1].contiguous()
-    lo = packed.lo.repeat_interleave(per_group)[c0:c1]
-    rng = packed.rng.repeat_interleave(per_group)[c0:c1]
-    return dequantize(codes, lo, rng, dtype).view(batch, c1 - c0, *shape[2:])
+    # The same codes regrouped one channel per group: a Packed of the block.
+    block = Packed(packed.q.view(batch, channels, -1)[:, c0:c1].contiguous(),
+                   packed.lo.repeat_interleave(per_group)[c0:c1],
+                   packed.rng.repeat_interleave(per_group)[c0:c1])
+    return ActivationQuantizer.unpack(block, (batch, c1 - c0, *shape[2:]), dtype)
 
 
 def conv2d(x, weight, bias, stride, padding, dilation, groups, quantizer):
