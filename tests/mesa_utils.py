@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import mesa_seg.mesa as mesa
-from mesa_seg.mesa import primitives
 
 # Bound on the gradient error of one Mesa op vs torch, on random inputs.
 # 8-bit quantization of a group with range r has step s = r / 255; stochastic
@@ -27,35 +26,22 @@ def eager_by_default():
     """Run every test on the eager kernels unless it asks for ``backend``
     (the 'compile' backend costs ~20 s of compilation per process, so only the
     tests where the kernels matter run it), and restore the previous choice."""
-    prev = mesa.get_backend()
-    mesa.set_backend('eager')
-    yield
-    mesa.set_backend(prev)
-
-
-def use_compile_backend() -> None:
-    """Select the 'compile' backend, with fresh dynamo state if earlier tests in
-    this process made it fall back to eager (e.g. by exhausting dynamo's
-    recompile limit: one graph per dtype / autocast state / size-1 dim)."""
-    if primitives._compile_failed:
-        torch._dynamo.reset()
-        primitives._compiled.clear()
-        primitives._compile_failed = False
-    mesa.set_backend('compile')
+    with mesa.use_backend('eager'):
+        yield
 
 
 @pytest.fixture(params=['eager', 'compile'])
 def backend(request, eager_by_default):
-    """Parametrize a test over both kernel backends."""
-    if request.param == 'compile':
-        use_compile_backend()
-    else:
-        mesa.set_backend('eager')
-    yield request.param
-    # On any dynamo/inductor failure the compile backend warns once and runs
-    # eager for the rest of the process: a 'compile' test must have compiled.
-    if request.param == 'compile':
-        assert not primitives._compile_failed, 'compile backend fell back to eager'
+    """Parametrize a test over both kernel backends. 'compile' retries
+    compilation if earlier tests in this process made it fall back to eager
+    (e.g. by exhausting dynamo's recompile limit: one graph per dtype /
+    autocast state / size-1 dim)."""
+    with mesa.use_backend(request.param, retry=True):
+        yield request.param
+        # On any dynamo/inductor failure the compile backend warns once and runs
+        # eager for the rest of the process: a 'compile' test must have compiled.
+        if request.param == 'compile':
+            assert not mesa.compile_failed(), 'compile backend fell back to eager'
 
 
 def saved_bytes(fn: Callable[[], torch.Tensor], exclude: Iterable[torch.Tensor] = ()

@@ -1,12 +1,16 @@
 """mesa_seg.mesa.modules and .policy: drop-in modules, state_dict, mesafy_."""
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-from mesa_seg.mesa import (LAYER_TYPES, ActivationQuantizer, MatMul, MesaConv2d, MesaLinear,
-                           MesaModule, MesaPolicy, mesa_modules, mesafy_, set_mesa_enabled)
+from mesa_seg.mesa import (LAYER_TYPES, QUANTIZER_ATTRS, ActivationQuantizer, MatMul,
+                           MesaBatchNorm2d, MesaConv2d, MesaLinear, MesaMatMul, MesaModule,
+                           MesaPolicy, MesaReLU, QuantizerConfig, mesa_modules, mesafy_,
+                           set_mesa_enabled)
 from mesa_utils import eager_by_default, saved_bytes  # noqa: F401  (fixture)
 
 # A quantizer's state: running range buffers (and whatever else it keeps).
@@ -98,10 +102,17 @@ TWINS = [
 @pytest.mark.parametrize('module', TWINS, ids=lambda m: type(m).__name__)
 def test_from_float_keeps_options_parameters_and_keys(module):
     mesa_cls = next(m for t, m in LAYER_TYPES.values() if t is type(module))
-    twin = mesa_cls.from_float(module, groups=2 if not isinstance(module, nn.ReLU) else 1)
+    config = QuantizerConfig(groups=2, momentum=0.5)
+    cls, children, state = type(module), dict(module.named_children()), {
+        k: v.clone() for k, v in module.state_dict().items()}
+    twin = mesa_cls.from_float(module, config)
     assert isinstance(twin, type(module)) and isinstance(twin, MesaModule)
-    assert type(module) in (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GELU, nn.Softmax,
-                            nn.BatchNorm2d, nn.ReLU, MatMul)  # original untouched
+    # the original is untouched: same class (not converted in place), no
+    # quantizers added, same state
+    assert type(module) is cls and not isinstance(module, MesaModule)
+    assert dict(module.named_children()) == children
+    assert module.state_dict().keys() == state.keys()
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in state.items())
     assert twin.extra_repr().startswith(module.extra_repr()) or \
         module.extra_repr() in twin.extra_repr()
     # Shared (not copied) parameters: an optimizer built before stays valid.
@@ -111,7 +122,9 @@ def test_from_float_keeps_options_parameters_and_keys(module):
     assert plain <= keys
     extra = keys - plain
     assert all(k.rsplit('.', 1)[1] in QUANT_KEYS for k in extra)
-    assert len(extra) == len(QUANT_KEYS) * len(twin._quantized)
+    quantizers = [n for n, _ in twin.named_children() if n in QUANTIZER_ATTRS]
+    assert len(extra) == len(QUANT_KEYS) * len(quantizers)
+    assert all(twin.get_submodule(n).config is config for n in quantizers)
     assert {'running_min', 'running_range', 'initialized'} <= set(QUANT_KEYS)
     # Quantizer state is buffers only.
     assert len(list(twin.parameters())) == len(list(module.parameters()))
@@ -128,14 +141,36 @@ def test_to_float_gives_back_the_plain_module(module):
     assert plain.extra_repr() == module.extra_repr()
 
 
-def test_constructors_take_mesa_options():
-    lin = MesaLinear(8, 4, groups=2, momentum=0.5, stochastic=False, enabled=False)
-    assert lin.quantizer.groups == 2 and lin.quantizer.momentum == 0.5
-    assert not lin.quantizer.stochastic and not lin.mesa_enabled
-    conv = MesaConv2d(8, 4, 3, groups=2, groups_mesa=4)  # conv groups vs Mesa groups
+def test_constructors_take_one_mesa_config():
+    config = QuantizerConfig(groups=2, momentum=0.5, stochastic_rounding=False)
+    lin = MesaLinear(8, 4, mesa_config=config, enabled=False)
+    assert lin.quantizer.config is config and lin.quantizer.groups == 2
+    assert not lin.mesa_enabled
+    # The torch class keeps its own argument names: conv groups vs Mesa groups,
+    # BatchNorm momentum vs the running-range momentum.
+    conv = MesaConv2d(8, 4, 3, groups=2, mesa_config=QuantizerConfig(groups=4))
     assert conv.groups == 2 and conv.quantizer.groups == 4
+    bn = MesaBatchNorm2d(8, momentum=0.3, mesa_config=config)
+    assert bn.momentum == 0.3 and bn.quantizer.config.momentum == 0.5
+    matmul = MesaMatMul(mesa_config=config)
+    assert matmul.quantizer_a.config is matmul.quantizer_b.config is config
+    assert MesaReLU(inplace=True, enabled=False).inplace
+    assert MesaLinear(8, 4).quantizer.config == QuantizerConfig()
     with pytest.raises(ValueError, match='does not divide'):
-        MesaLinear(10, 4, groups=4)
+        MesaLinear(10, 4, mesa_config=QuantizerConfig(groups=4))
+
+
+def test_quantizer_attrs_name_every_quantizer_submodule():
+    attention = {'quantizer_in_q', 'quantizer_in_k', 'quantizer_in_v', 'quantizer_q',
+                 'quantizer_k', 'quantizer_v', 'quantizer_attn', 'quantizer_out'}
+    assert QUANTIZER_ATTRS == {'quantizer', 'quantizer_a', 'quantizer_b'} | attention
+    _, model = _net_pair()
+    found = {n.rsplit('.', 1)[-1] for n, m in model.named_modules()
+             if isinstance(m, ActivationQuantizer)}
+    assert found == QUANTIZER_ATTRS - attention  # Net has no MultiheadAttention
+    mha = mesafy_(nn.Sequential(nn.MultiheadAttention(16, 2)))
+    assert {n.rsplit('.', 1)[-1] for n, m in mha.named_modules()
+            if isinstance(m, ActivationQuantizer)} == attention
 
 
 def test_plain_op_when_nothing_needs_a_gradient():
@@ -211,7 +246,8 @@ def test_deepcopy_of_a_converted_model():
 def test_converter_swaps_every_layer_type():
     _, model = _net_pair()
     kinds = {type(m).__name__ for _, m in mesa_modules(model)}
-    assert kinds == {'Mesa' + t for t in LAYER_TYPES}
+    # Net has no MultiheadAttention (its conversion: tests/test_attention.py)
+    assert kinds == {'Mesa' + t for t in LAYER_TYPES} - {'MesaMultiheadAttention'}
     assert not any(type(m) in {t for t, _ in LAYER_TYPES.values()} for m in model.modules())
     assert model.block.norm1.eps == 1e-6 and model.relu.inplace
     # Converting again finds nothing new (exact type match).
@@ -345,12 +381,23 @@ def test_policy_options_reach_the_quantizers():
     torch.manual_seed(0)
     model = mesafy_(Net(), dict(momentum=0.5, stochastic_rounding=False, sync_stats=True,
                                 widen_to_batch=True))
-    quantizers = [m for _, m in mesa_modules(model) if hasattr(m, 'quantizer')]
-    assert quantizers
-    assert all(q.quantizer.momentum == 0.5 and not q.quantizer.stochastic and q.quantizer.sync
-               and q.quantizer.widen for q in quantizers)
+    configs = {m.config for m in model.modules() if isinstance(m, ActivationQuantizer)}
+    # The policy's options, with each layer's resolved groups.
+    assert {c.groups for c in configs} == {1, 2, 4}
+    assert configs == {QuantizerConfig(groups=g, momentum=0.5, stochastic_rounding=False,
+                                       sync_stats=True, widen_to_batch=True)
+                       for g in (1, 2, 4)}
     plain = mesafy_(Net(), dict())
-    assert not any(m.quantizer.widen for _, m in mesa_modules(plain) if hasattr(m, 'quantizer'))
+    assert not any(m.config.widen_to_batch for m in plain.modules()
+                   if isinstance(m, ActivationQuantizer))
+
+
+def test_policy_builds_the_quantizer_config():
+    policy = MesaPolicy(groups='heads', momentum=0.8, widen_to_batch=True)
+    assert policy.quantizer_config(groups=3) == QuantizerConfig(
+        groups=3, momentum=0.8, widen_to_batch=True)
+    # The defaults are written once, on QuantizerConfig.
+    assert MesaPolicy().quantizer_config(groups=1) == QuantizerConfig()
 
 
 @pytest.mark.parametrize('cfg, error', [
@@ -375,3 +422,31 @@ def test_groups_not_dividing_channels_name_the_layer():
     model.num_heads = 4
     with pytest.raises(ValueError, match=r"cannot convert '0'.*does not divide"):
         mesafy_(model)
+
+
+def test_groups_not_dividing_heads_name_the_layer():
+    # Softmax and MatMul group along the head axis, whose size they cannot know
+    # before the forward pass: mesafy_ checks the enclosing module's num_heads.
+    model = nn.Sequential()
+    model.add_module('attn', Attention(dim=16, num_heads=2))
+    with pytest.raises(ValueError, match=r"^Mesa: cannot convert 'attn\.qk': groups=4 does not "
+                                         r"divide the 2 attention heads of attn$"):
+        mesafy_(model, dict(groups=4))
+    # Where the heads are the root's own, the message names its class.
+    with pytest.raises(ValueError, match=r"'softmax': groups=4 does not divide the 2 attention "
+                                         r"heads of Attention$"):
+        mesafy_(Attention(dim=16, num_heads=2), dict(groups=4, layers=['Softmax']))
+    # Dividing counts, and layers outside any module with heads, convert.
+    assert isinstance(mesafy_(Attention(dim=16, num_heads=4), dict(groups=2)).qk, MesaMatMul)
+    assert isinstance(mesafy_(nn.Sequential(MatMul()), dict(groups=3))[0], MesaMatMul)
+    # Excluded layers are not checked.
+    mesafy_(Attention(dim=16, num_heads=2), dict(groups=4, layers=['Linear']))
+
+
+def test_core_imports_no_openmmlab_package():
+    # The Mesa core is torch only: importing it must not pull in mm* packages.
+    code = ("import sys, mesa_seg.mesa; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('mmseg', 'mmengine', 'mmcv')]; "
+            "assert not bad, bad")
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

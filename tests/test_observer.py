@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mesa_seg.mesa import ActivationQuantizer, MesaGELU, MesaLinear, RunningRange
+from mesa_seg.mesa import (ActivationQuantizer, MesaGELU, MesaLinear, QuantizerConfig,
+                           RunningRange)
 from mesa_seg.mesa.primitives import QMAX, group_view
 from mesa_utils import eager_by_default  # noqa: F401  (fixture)
 
@@ -16,7 +17,7 @@ def _batch(groups=3, scale=1.0, shift=0.0, seed=0):
 
 
 def test_estimates_are_buffers_not_parameters():
-    obs = RunningRange(groups=3)
+    obs = RunningRange(QuantizerConfig(groups=3))
     assert list(obs.parameters()) == []
     assert set(obs.state_dict()) == {'running_min', 'running_range', 'initialized'}
     assert obs.running_min.shape == obs.running_range.shape == (3,)
@@ -24,7 +25,7 @@ def test_estimates_are_buffers_not_parameters():
 
 
 def test_first_batch_initialises():
-    obs = RunningRange(groups=3)
+    obs = RunningRange(QuantizerConfig(groups=3))
     x = _batch()
     lo, rng = obs(x)
     assert torch.equal(obs.running_min, x.amin((0, 2)))
@@ -35,7 +36,7 @@ def test_first_batch_initialises():
 
 @pytest.mark.parametrize('momentum', [0.9, 0.5])
 def test_ema_update_formula(momentum):
-    obs = RunningRange(groups=3, momentum=momentum)
+    obs = RunningRange(QuantizerConfig(groups=3, momentum=momentum))
     x1, x2 = _batch(seed=1), _batch(scale=3.0, shift=2.0, seed=2)
     obs(x1)
     lo1, rng1 = obs.running_min.clone(), obs.running_range.clone()
@@ -48,13 +49,16 @@ def test_ema_update_formula(momentum):
     assert torch.equal(lo, obs.running_min) and torch.equal(rng, obs.running_range)
 
 
-def test_default_momentum_is_0_9():
-    assert RunningRange().momentum == 0.9
-    assert ActivationQuantizer().momentum == 0.9
+def test_defaults_are_the_papers():
+    config = QuantizerConfig()
+    assert (config.groups, config.momentum) == (1, 0.9)
+    assert config.stochastic_rounding and not config.sync_stats and not config.widen_to_batch
+    assert RunningRange().config == ActivationQuantizer().config == config
+    assert RunningRange(QuantizerConfig(groups=3)).groups == 3
 
 
 def test_no_update_when_asked():
-    obs = RunningRange(groups=3)
+    obs = RunningRange(QuantizerConfig(groups=3))
     obs(_batch(seed=1))
     state = {k: v.clone() for k, v in obs.state_dict().items()}
     lo, rng = obs(_batch(scale=5.0, seed=2), update=False)
@@ -64,7 +68,7 @@ def test_no_update_when_asked():
 
 
 def test_uninitialised_estimates_fall_back_to_the_batch_without_update():
-    obs = RunningRange(groups=3)
+    obs = RunningRange(QuantizerConfig(groups=3))
     x = _batch()
     lo, rng = obs(x, update=False)
     assert not obs.initialized.any()
@@ -73,7 +77,7 @@ def test_uninitialised_estimates_fall_back_to_the_batch_without_update():
 
 
 def test_quantizer_updates_before_quantizing_and_saturates():
-    quant = ActivationQuantizer(groups=2, dim=-1, stochastic=False)
+    quant = ActivationQuantizer(QuantizerConfig(groups=2, stochastic_rounding=False), dim=-1)
     x1 = torch.rand(4, 6, 8)                  # range ~[0, 1] per group
     quant.pack(x1)
     x2 = torch.rand(4, 6, 8) * 100.0 - 50.0   # far outside the running range
@@ -96,7 +100,8 @@ def test_quantizer_updates_before_quantizing_and_saturates():
 
 
 def test_widen_covers_the_batch_and_keeps_the_ema():
-    plain, wide = RunningRange(groups=3), RunningRange(groups=3, widen=True)
+    plain = RunningRange(QuantizerConfig(groups=3))
+    wide = RunningRange(QuantizerConfig(groups=3, widen_to_batch=True))
     x1, x2 = _batch(seed=1), _batch(scale=4.0, shift=1.0, seed=2)  # x2 outgrows the EMA
     for obs in (plain, wide):
         obs(x1)
@@ -118,18 +123,19 @@ def test_widen_covers_the_batch_and_keeps_the_ema():
 
 
 def test_widened_quantizer_never_saturates():
-    quant = ActivationQuantizer(groups=2, dim=-1, stochastic=False, widen=True)
+    quant = ActivationQuantizer(
+        QuantizerConfig(groups=2, stochastic_rounding=False, widen_to_batch=True), dim=-1)
     quant.pack(torch.rand(4, 6, 8))
     x2 = torch.rand(4, 6, 8) * 100.0 - 50.0   # far outside the running range
     packed = quant.pack(x2)
     x_hat = quant.unpack(packed, x2.shape, x2.dtype)
     step = (packed.rng / QMAX).max()
     assert (x_hat - x2).abs().max() <= step / 2 + 1e-4  # nearest rounding, no clipping
-    assert 'widen=True' in repr(quant)
+    assert 'widen_to_batch=True' in repr(quant)
 
 
 def test_widen_keeps_nan_groups_nan():
-    obs = RunningRange(groups=3, widen=True)
+    obs = RunningRange(QuantizerConfig(groups=3, widen_to_batch=True))
     obs(_batch(seed=1))
     x = _batch(seed=2)
     x[:, 1, 0] = NAN
@@ -139,7 +145,7 @@ def test_widen_keeps_nan_groups_nan():
 
 
 def test_quantizer_uses_training_flag():
-    quant = ActivationQuantizer(groups=1)
+    quant = ActivationQuantizer(QuantizerConfig(groups=1))
     quant.pack(torch.randn(4, 8))
     before = quant.running_range.clone()
     quant.eval()
@@ -152,7 +158,7 @@ def test_quantizer_uses_training_flag():
 
 @pytest.mark.parametrize('mode', ['eval', 'no_grad', 'disabled', 'train'])
 def test_module_updates_only_in_training_forward(mode):
-    lin = MesaLinear(8, 4, groups=2)
+    lin = MesaLinear(8, 4, mesa_config=QuantizerConfig(groups=2))
     x = torch.randn(3, 8)
     lin(x)  # first batch initialises
     before = {k: v.clone() for k, v in lin.quantizer.state_dict().items()}
@@ -174,7 +180,7 @@ def test_module_updates_only_in_training_forward(mode):
 
 @pytest.mark.parametrize('bad', [NAN, float('inf'), -float('inf')])
 def test_non_finite_batch_leaves_estimates_unchanged(bad):
-    obs = RunningRange(groups=3)
+    obs = RunningRange(QuantizerConfig(groups=3))
     obs(_batch(seed=1))
     lo0, rng0 = obs.running_min.clone(), obs.running_range.clone()
     x = _batch(scale=4.0, seed=2)
@@ -191,7 +197,7 @@ def test_non_finite_batch_leaves_estimates_unchanged(bad):
 
 
 def test_group_first_seen_non_finite_initialises_later():
-    obs = RunningRange(groups=2)
+    obs = RunningRange(QuantizerConfig(groups=2))
     x = _batch(groups=2, seed=1)
     x[0, 0, 0] = NAN
     obs(x)
@@ -207,7 +213,7 @@ def test_group_first_seen_non_finite_initialises_later():
 def test_nan_activation_gives_nan_gradient_in_its_group_only():
     # Documented in observer.py: the fault must show in the gradient, never
     # as a plausible finite value.
-    gelu = MesaGELU(groups=2)
+    gelu = MesaGELU(mesa_config=QuantizerConfig(groups=2))
     gelu(torch.randn(4, 8, requires_grad=True))
     state = {k: v.clone() for k, v in gelu.quantizer.state_dict().items()}
     x = torch.randn(4, 8)
@@ -222,20 +228,26 @@ def test_nan_activation_gives_nan_gradient_in_its_group_only():
         assert torch.equal(getattr(gelu.quantizer, k)[:1], state[k][:1]), k
 
 
-def test_constructor_validation():
+def test_config_validation():
+    with pytest.raises(ValueError, match=r'momentum must be in \[0, 1\)'):
+        QuantizerConfig(momentum=1.0)
     with pytest.raises(ValueError, match='momentum'):
-        RunningRange(momentum=1.0)
-    with pytest.raises(ValueError, match='groups'):
-        RunningRange(groups=0)
-    with pytest.raises(ValueError, match='groups'):
-        RunningRange(groups=2.0)
+        QuantizerConfig(momentum=-0.1)
+    with pytest.raises(ValueError, match='groups must be a positive int'):
+        QuantizerConfig(groups=0)
+    with pytest.raises(ValueError, match='groups must be a positive int'):
+        QuantizerConfig(groups=2.0)
+    config = QuantizerConfig(groups=2)
+    with pytest.raises(AttributeError):
+        config.groups = 4  # frozen: shared by every quantizer built from it
+    assert hash(config) == hash(QuantizerConfig(groups=2))
 
 
 def test_state_dict_round_trip():
-    a = RunningRange(groups=3, momentum=0.8)
+    a = RunningRange(QuantizerConfig(groups=3, momentum=0.8))
     a(_batch(seed=1))
     a(_batch(scale=2.0, seed=2))
-    b = RunningRange(groups=3, momentum=0.8)
+    b = RunningRange(QuantizerConfig(groups=3, momentum=0.8))
     b.load_state_dict(a.state_dict())
     for k, v in a.state_dict().items():
         assert torch.equal(b.state_dict()[k], v), k
@@ -244,7 +256,7 @@ def test_state_dict_round_trip():
 
 
 def test_missing_estimates_are_not_an_error_even_when_strict():
-    obs = RunningRange(groups=3)
+    obs = RunningRange(QuantizerConfig(groups=3))
     result = obs.load_state_dict({}, strict=True)
     assert result.missing_keys == []
     assert not obs.initialized.any()  # still initialises from the first batch
@@ -268,7 +280,7 @@ def test_sync_all_reduces_batch_statistics(single_rank_group, monkeypatch, sync)
         return real(tensor, op=op, **kwargs)
 
     monkeypatch.setattr(dist, 'all_reduce', spy)
-    obs = RunningRange(groups=3, sync=sync)
+    obs = RunningRange(QuantizerConfig(groups=3, sync_stats=sync))
     x = _batch()
     obs(x)
     # Min of minima and max of maxima: every rank ends with the global range.

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mesa_seg.mesa import LAYER_TYPES, ActivationQuantizer, MatMul
+from mesa_seg.mesa import LAYER_TYPES, ActivationQuantizer, MatMul, QuantizerConfig
 from mesa_utils import (assert_grad_close, backend, eager_by_default,  # noqa: F401
                         saved_bytes)
 
@@ -30,7 +30,7 @@ class Case:
         torch.manual_seed(seed)
         ref = self.make().to(dtype)
         mesa_cls = next(m for t, m in LAYER_TYPES.values() if type(ref) is t)
-        model = mesa_cls.from_float(copy.deepcopy(ref), groups=self.groups)
+        model = mesa_cls.from_float(copy.deepcopy(ref), QuantizerConfig(groups=self.groups))
         xs = [torch.randn(s, dtype=dtype, requires_grad=True) for s in self.shapes]
         return ref, model, xs
 
@@ -383,8 +383,8 @@ def test_conv_backward_in_channel_blocks_matches_whole_input(monkeypatch, quant_
     grads = {}
     for chunk_bytes in (2**40, 1, 3 * 4 * 11 * 11 * 3):  # whole, one channel, 3 channels
         monkeypatch.setattr(ops, 'CONV_BACKWARD_CHUNK_BYTES', chunk_bytes)
-        mesa = MesaConv2d.from_float(copy.deepcopy(ref), groups=quant_groups,
-                                     stochastic=False)
+        mesa = MesaConv2d.from_float(copy.deepcopy(ref), QuantizerConfig(
+            groups=quant_groups, stochastic_rounding=False))
         y = mesa(x)
         gy = torch.randn_like(y) if gy is None else gy
         leaves = ([x] if input_grad else []) + [mesa.weight, mesa.bias]
@@ -397,7 +397,7 @@ def test_conv_backward_in_channel_blocks_matches_whole_input(monkeypatch, quant_
 
 def test_channel_blocks_dequantize_to_the_whole_input():
     from mesa_seg.mesa import ops
-    quant = ActivationQuantizer(groups=4, dim=1, stochastic=False)
+    quant = ActivationQuantizer(QuantizerConfig(groups=4, stochastic_rounding=False), dim=1)
     x = torch.randn(2, 8, 5, 5)
     packed = quant.pack(x)
     whole = ActivationQuantizer.unpack(packed, x.shape, x.dtype)

@@ -1,14 +1,14 @@
 """mesa_seg.mesa.primitives: grouping, quantize/dequantize, bit packing, backends."""
 import math
+import warnings
 
 import pytest
 import torch
 
 import mesa_seg.mesa as mesa
-from mesa_seg.mesa import primitives
 from mesa_seg.mesa.primitives import (QMAX, batch_min_max, dequantize, group_view, new_seed,
                                       pack_bits, quantize, unpack_bits)
-from mesa_utils import backend, eager_by_default, use_compile_backend  # noqa: F401
+from mesa_utils import backend, eager_by_default  # noqa: F401
 
 
 def _step(rng):
@@ -85,18 +85,18 @@ def test_round_trip_error_bounds(backend):
 
 def test_backends_agree_on_nearest_rounding():
     x3, lo, rng = _grid()
-    mesa.set_backend('eager')
-    q_eager = quantize(x3, lo, rng)
-    x_eager = dequantize(q_eager, lo, rng)
-    use_compile_backend()
-    q_comp = quantize(x3, lo, rng)
-    x_comp = dequantize(q_comp, lo, rng)
+    with mesa.use_backend('eager'):
+        q_eager = quantize(x3, lo, rng)
+        x_eager = dequantize(q_eager, lo, rng)
+    with mesa.use_backend('compile', retry=True):
+        q_comp = quantize(x3, lo, rng)
+        x_comp = dequantize(q_comp, lo, rng)
     # Fused kernels may contract (x - lo) * s + 0.5 differently: a tie can land
     # on the other level, nothing more.
     assert (q_eager.int() - q_comp.int()).abs().max() <= 1
     assert (q_eager != q_comp).float().mean() < 1e-3
     assert torch.allclose(x_eager, x_comp, rtol=0, atol=1e-6 + _step(rng).max().item())
-    assert not primitives._compile_failed
+    assert not mesa.compile_failed()
 
 
 def test_out_of_range_values_saturate_instead_of_wrapping(backend):
@@ -213,6 +213,55 @@ def test_set_backend_validates():
     assert mesa.get_backend() == 'compile'
 
 
+def test_use_backend_restores_the_previous_backend():
+    assert mesa.get_backend() == 'eager'  # the autouse fixture's choice
+    with mesa.use_backend('compile'):
+        assert mesa.get_backend() == 'compile'
+        with mesa.use_backend('eager'):
+            assert mesa.get_backend() == 'eager'
+        assert mesa.get_backend() == 'compile'
+    assert mesa.get_backend() == 'eager'
+    with pytest.raises(RuntimeError, match='inside'):
+        with mesa.use_backend('compile'):
+            raise RuntimeError('inside')
+    assert mesa.get_backend() == 'eager'
+    with pytest.raises(ValueError, match='backend must be'):
+        with mesa.use_backend('triton'):
+            pass
+    assert mesa.get_backend() == 'eager'
+
+
+def test_a_failed_compilation_falls_back_to_eager_until_retried(monkeypatch):
+    from mesa_seg.mesa import primitives
+
+    def broken(*args):
+        raise RuntimeError('no compiler here')
+
+    # The kernel cache and failure flag are swapped for this test only, so the
+    # process keeps its real compiled kernels; "compiling" returns the function.
+    monkeypatch.setattr(primitives, '_compiled', {'quantize_nearest': broken})
+    monkeypatch.setattr(primitives, '_compile_failed', False)
+    monkeypatch.setattr(torch._dynamo, 'reset', lambda: None)
+    monkeypatch.setattr(torch, 'compile', lambda fn, **kwargs: fn)
+    x3, lo, rng = _grid()
+    with mesa.use_backend('eager'):
+        expected = quantize(x3, lo, rng)
+    with mesa.use_backend('compile'):
+        with pytest.warns(UserWarning, match='no compiler here'):
+            assert torch.equal(quantize(x3, lo, rng), expected)
+        assert mesa.compile_failed()
+    assert mesa.compile_failed()  # a fact about the process, kept on exit
+    with mesa.use_backend('compile'), warnings.catch_warnings():
+        warnings.simplefilter('error')  # no retry: eager kernels, no second warning
+        assert torch.equal(quantize(x3, lo, rng), expected)
+        assert mesa.compile_failed()
+    with mesa.use_backend('compile', retry=True):
+        assert not mesa.compile_failed()
+        assert torch.equal(quantize(x3, lo, rng), expected)
+        assert not mesa.compile_failed()
+    assert primitives._compiled['quantize_nearest'] is primitives._FUSED['quantize_nearest']
+
+
 def _quantize_like_a_layer(x, groups, dim=-1):
     x3 = group_view(x, groups, dim)
     lo, hi = batch_min_max(x3)
@@ -225,7 +274,12 @@ def test_compiled_kernels_do_not_recompile_per_layer_layout():
     # that may require grad. One compiled graph per (dtype, groups == 1) must
     # serve them all: dynamo's recompile limit (8) otherwise sends every kernel
     # to the eager fallback for the rest of the process.
-    use_compile_backend()
+    with mesa.use_backend('compile', retry=True):
+        _check_one_graph_per_layout()
+    assert not mesa.compile_failed()
+
+
+def _check_one_graph_per_layout():
     torch.manual_seed(0)
     # Warm-up sizes all distinct: dynamo "duck-sizes" equal sizes into a guard.
     _quantize_like_a_layer(torch.randn(2, 10, 96, requires_grad=True), 3)
@@ -242,4 +296,3 @@ def test_compiled_kernels_do_not_recompile_per_layer_layout():
             x_hat = _quantize_like_a_layer(x, groups, dim)
             torch.testing.assert_close(x_hat, group_view(x, groups, dim), rtol=0,
                                        atol=(x.max() - x.min()).item() / 255 * 1.001)
-    assert not primitives._compile_failed

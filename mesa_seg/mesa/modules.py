@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .config import QuantizerConfig
 from .quantizer import ActivationQuantizer
 
 __all__ = [
@@ -35,24 +36,43 @@ class MatMul(nn.Module):
 class MesaModule:
     """Mixin of all Mesa modules.
 
+    Every Mesa module is built either from a torch module,
+    ``from_float(module, config)``, or by its constructor:
+
+    Args:
+        *args, **kwargs: the torch class's own arguments (so ``groups`` of
+            :class:`MesaConv2d` is the convolution's).
+        mesa_config (QuantizerConfig, optional): options of the layer's
+            quantizers (Mesa groups, momentum, rounding, ...). Default: None
+            (``QuantizerConfig()``).
+        enabled (bool): use Mesa in training (``mesa_enabled`` switches it
+            later). Default: True.
+
     Subclasses define ``_float_type`` (the torch class they replace), ``_group_dim``
-    (the channel/head axis of the compressed activation) and ``_quantized``
-    (names of their :class:`ActivationQuantizer` submodules).
+    (the channel/head axis of the compressed activation), ``_quantized`` (names
+    of their :class:`ActivationQuantizer` submodules) and ``_head_axis`` (the
+    groups split attention heads, whose count the layer cannot know).
     """
     _float_type: type = nn.Module
     _group_dim: int = -1
     _quantized: tuple = ('quantizer',)
+    _head_axis: bool = False
 
-    def _init_mesa(self, groups: int = 1, momentum: float = 0.9, stochastic: bool = True,
-                   sync: bool = False, enabled: bool = True, widen: bool = False) -> None:
+    def __init__(self, *args, mesa_config: Optional[QuantizerConfig] = None,
+                 enabled: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)  # the torch class's constructor
+        self._init_mesa(mesa_config, enabled)
+
+    def _init_mesa(self, config: Optional[QuantizerConfig] = None,
+                   enabled: bool = True) -> None:
+        config = QuantizerConfig() if config is None else config
         channels = self._channels()
-        if channels is not None and channels % groups:
-            raise ValueError(f'{type(self).__name__}: groups={groups} does not divide the '
-                             f'{channels} channels of its input')
+        if channels is not None and channels % config.groups:
+            raise ValueError(f'{type(self).__name__}: groups={config.groups} does not divide '
+                             f'the {channels} channels of its input')
         self.mesa_enabled = enabled
         for name in self._quantized:
-            self.add_module(name, ActivationQuantizer(groups, self._group_dim, momentum,
-                                                      stochastic, sync, widen))
+            self.add_module(name, ActivationQuantizer(config, self._group_dim))
 
     def _channels(self) -> Optional[int]:
         """Size of the grouped axis when known at construction (for validation)."""
@@ -65,17 +85,26 @@ class MesaModule:
                 or any(p.requires_grad for p in self.parameters(recurse=False)))
 
     @classmethod
-    def from_float(cls, module: nn.Module, groups: int = 1, momentum: float = 0.9,
-                   stochastic: bool = True, sync: bool = False, enabled: bool = True,
-                   widen: bool = False) -> nn.Module:
+    def from_float(cls, module: nn.Module, config: Optional[QuantizerConfig] = None,
+                   enabled: bool = True) -> nn.Module:
         """Mesa twin of ``module``: same parameters (shared, not copied), buffers,
-        hooks and constructor options (eps, stride, approximate, ...)."""
+        hooks and constructor options (eps, stride, approximate, ...).
+
+        Args:
+            module (nn.Module): an instance of ``cls._float_type``; left untouched.
+            config (QuantizerConfig, optional): quantizer options. Default: None
+                (``QuantizerConfig()``).
+            enabled (bool): use Mesa in training. Default: True.
+
+        Returns:
+            nn.Module: the twin, an instance of both ``cls`` and ``type(module)``.
+        """
         new = copy.copy(module)
         # copy.copy shares the submodule/buffer dicts; the twin adds entries to them.
         new._modules = OrderedDict(module._modules)
         new._buffers = OrderedDict(module._buffers)
         new.__class__ = cls
-        new._init_mesa(groups, momentum, stochastic, sync, enabled, widen)
+        new._init_mesa(config, enabled)
         return new
 
     def to_float(self) -> nn.Module:
@@ -92,21 +121,9 @@ class MesaModule:
 class MesaLinear(MesaModule, nn.Linear):
     """:class:`torch.nn.Linear` storing its input in 8 bits (groups on channels).
 
-    Args:
-        *args, **kwargs: as :class:`torch.nn.Linear`.
-        groups (int): channel groups of the input. Default: 1.
-        momentum (float): running-range momentum. Default: 0.9.
-        stochastic (bool): stochastic rounding. Default: True.
-        sync (bool): all-reduce range statistics across ranks. Default: False.
-        widen (bool): widen the running range to cover each batch. Default: False.
-        enabled (bool): use Mesa in training. Default: True.
+    Constructor arguments: see :class:`MesaModule`.
     """
     _float_type = nn.Linear
-
-    def __init__(self, *args, groups=1, momentum=0.9, stochastic=True, sync=False,
-                 enabled=True, widen=False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_mesa(groups, momentum, stochastic, sync, enabled, widen)
 
     def _channels(self):
         return self.in_features
@@ -120,17 +137,12 @@ class MesaLinear(MesaModule, nn.Linear):
 class MesaConv2d(MesaModule, nn.Conv2d):
     """:class:`torch.nn.Conv2d` storing its input in 8 bits (groups on channels).
 
-    Mesa arguments as :class:`MesaLinear`. String padding that is not symmetric
-    (``'same'`` with an even kernel extent) runs the plain op.
+    Constructor arguments: see :class:`MesaModule` (``groups`` is the
+    convolution's; the Mesa groups are ``mesa_config.groups``). String padding
+    that is not symmetric (``'same'`` with an even kernel extent) runs the plain op.
     """
     _float_type = nn.Conv2d
     _group_dim = 1
-
-    def __init__(self, *args, groups_mesa=1, momentum=0.9, stochastic=True, sync=False,
-                 enabled=True, widen=False, **kwargs):
-        # ``groups`` is taken by Conv2d (grouped convolution), hence ``groups_mesa``.
-        super().__init__(*args, **kwargs)
-        self._init_mesa(groups_mesa, momentum, stochastic, sync, enabled, widen)
 
     def _channels(self):
         return self.in_channels
@@ -158,11 +170,6 @@ class MesaLayerNorm(MesaModule, nn.LayerNorm):
     """:class:`torch.nn.LayerNorm` storing its input in 8 bits (groups on channels)."""
     _float_type = nn.LayerNorm
 
-    def __init__(self, *args, groups=1, momentum=0.9, stochastic=True, sync=False,
-                 enabled=True, widen=False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_mesa(groups, momentum, stochastic, sync, enabled, widen)
-
     def _channels(self):
         return self.normalized_shape[-1]
 
@@ -177,11 +184,6 @@ class MesaGELU(MesaModule, nn.GELU):
     """:class:`torch.nn.GELU` storing its input in 8 bits (groups on the last dim)."""
     _float_type = nn.GELU
 
-    def __init__(self, *args, groups=1, momentum=0.9, stochastic=True, sync=False,
-                 enabled=True, widen=False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_mesa(groups, momentum, stochastic, sync, enabled, widen)
-
     def forward(self, x):
         if not self._use_mesa(x):
             return super().forward(x)
@@ -193,11 +195,7 @@ class MesaSoftmax(MesaModule, nn.Softmax):
     (dim 1 of ``(B, heads, N, N)`` attention scores)."""
     _float_type = nn.Softmax
     _group_dim = 1
-
-    def __init__(self, *args, groups=1, momentum=0.9, stochastic=True, sync=False,
-                 enabled=True, widen=False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_mesa(groups, momentum, stochastic, sync, enabled, widen)
+    _head_axis = True
 
     def forward(self, x):
         if not self._use_mesa(x):
@@ -211,12 +209,8 @@ class MesaMatMul(MesaModule, MatMul):
     of ``(B, heads, N, D)``); ``quantizer_a``/``quantizer_b`` hold their ranges."""
     _float_type = MatMul
     _group_dim = 1
+    _head_axis = True
     _quantized = ('quantizer_a', 'quantizer_b')
-
-    def __init__(self, groups=1, momentum=0.9, stochastic=True, sync=False, enabled=True,
-                 widen=False):
-        super().__init__()
-        self._init_mesa(groups, momentum, stochastic, sync, enabled, widen)
 
     def forward(self, a, b):
         if not self._use_mesa(a, b) or a.dim() < 2 or b.dim() < 2:
@@ -232,12 +226,6 @@ class MesaBatchNorm2d(MesaModule, nn.BatchNorm2d):
     """
     _float_type = nn.BatchNorm2d
     _group_dim = 1
-
-    def __init__(self, *args, groups=1, momentum_mesa=0.9, stochastic=True, sync=False,
-                 enabled=True, widen=False, **kwargs):
-        # ``momentum`` is taken by BatchNorm (running stats), hence ``momentum_mesa``.
-        super().__init__(*args, **kwargs)
-        self._init_mesa(groups, momentum_mesa, stochastic, sync, enabled, widen)
 
     def _channels(self):
         return self.num_features
@@ -256,17 +244,10 @@ class MesaBatchNorm2d(MesaModule, nn.BatchNorm2d):
 
 
 class MesaReLU(MesaModule, nn.ReLU):
-    """:class:`torch.nn.ReLU` saving a 1-bit mask (no range, no quantizer)."""
+    """:class:`torch.nn.ReLU` saving a 1-bit mask (no range, no quantizer: a
+    ``mesa_config`` is accepted, for uniformity, and unused)."""
     _float_type = nn.ReLU
     _quantized = ()
-
-    def __init__(self, *args, enabled=True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.mesa_enabled = enabled
-
-    def _init_mesa(self, groups=1, momentum=0.9, stochastic=True, sync=False, enabled=True,
-                   widen=False):
-        self.mesa_enabled = enabled
 
     def forward(self, x):
         if not self._use_mesa(x):

@@ -9,9 +9,9 @@ batch is quantized::
     afterwards:   beta  <- m * beta  + (1 - m) * min
                   alpha <- m * alpha + (1 - m) * (max - min)       (m = momentum)
 
-With ``widen`` the range used for *this batch* is the running range widened to
-cover the batch's own min/max (the estimates stay the plain EMA above), so no
-value saturates. Conv heads trained from scratch need it: their activations grow
+With ``widen_to_batch`` the range used for *this batch* is the running range
+widened to cover the batch's own min/max (the estimates stay the plain EMA
+above), so no value saturates. Conv heads trained from scratch need it: their activations grow
 faster than the EMA follows, and groups with few values (pooled 1x1 maps) swing
 past it every step; clipped there, up to half of a layer's stored inputs
 saturated and the gradients stopped tracking FP32's.
@@ -23,12 +23,14 @@ silently clipped, plausible value. The forward output is exact either way.
 """
 from __future__ import annotations
 
-from typing import Tuple
+import dataclasses
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .config import QuantizerConfig
 from .primitives import batch_min_max
 
 __all__ = ['RunningRange']
@@ -38,37 +40,29 @@ class RunningRange(nn.Module):
     """EMA of per-group minimum (``running_min``) and range (``running_range``).
 
     Args:
-        groups (int): number of groups. Default: 1.
-        momentum (float): weight of the old estimate, ``m`` above. Default: 0.9.
-        sync (bool): all-reduce the batch min/max over the default process group
-            before updating, so every rank holds identical estimates. Off by
-            default: estimates only shape the rounding grid of each rank's own
-            saved activations, and syncing costs two collectives per layer per
-            step. Default: False.
-        widen (bool): quantize with the running range widened to cover the
-            batch (see the module docstring). Default: False.
+        config (QuantizerConfig, optional): ``groups``, ``momentum`` (``m``
+            above), ``sync_stats`` and ``widen_to_batch`` are used. Default:
+            None (``QuantizerConfig()``).
     """
 
-    def __init__(self, groups: int = 1, momentum: float = 0.9, sync: bool = False,
-                 widen: bool = False):
+    def __init__(self, config: Optional[QuantizerConfig] = None):
         super().__init__()
-        if not isinstance(groups, int) or groups < 1:
-            raise ValueError(f'groups must be a positive int, got {groups!r}')
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f'momentum must be in [0, 1), got {momentum!r}')
-        self.groups = groups
-        self.momentum = momentum
-        self.sync = sync
-        self.widen = widen
+        self.config = QuantizerConfig() if config is None else config
+        groups = self.config.groups
         self.register_buffer('running_min', torch.zeros(groups))
         self.register_buffer('running_range', torch.zeros(groups))
         # Per group, so a group first seen with non-finite values still initialises
         # from the first finite batch.
         self.register_buffer('initialized', torch.zeros(groups, dtype=torch.bool))
 
+    @property
+    def groups(self) -> int:
+        """Number of groups (the length of every buffer)."""
+        return self.config.groups
+
     def extra_repr(self) -> str:
-        return (f'groups={self.groups}, momentum={self.momentum}, sync={self.sync}, '
-                f'widen={self.widen}')
+        return ', '.join(f'{f.name}={getattr(self.config, f.name)!r}'
+                         for f in dataclasses.fields(self.config))
 
     @torch.no_grad()
     def forward(self, x3: torch.Tensor, update: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -78,13 +72,13 @@ class RunningRange(nn.Module):
         it so only in training forward). No host synchronisation.
         """
         bmin, bmax = batch_min_max(x3)
-        if self.sync and dist.is_available() and dist.is_initialized():
+        if self.config.sync_stats and dist.is_available() and dist.is_initialized():
             dist.all_reduce(bmin, op=dist.ReduceOp.MIN)
             dist.all_reduce(bmax, op=dist.ReduceOp.MAX)
         brange = bmax - bmin
         finite = torch.isfinite(bmin) & torch.isfinite(bmax)
         if update:
-            m = self.momentum
+            m = self.config.momentum
             ema_min = torch.where(self.initialized, m * self.running_min + (1 - m) * bmin, bmin)
             ema_range = torch.where(self.initialized,
                                     m * self.running_range + (1 - m) * brange, brange)
@@ -95,7 +89,7 @@ class RunningRange(nn.Module):
         # Uninitialised groups (eval of a fresh module) fall back to this batch's range.
         lo = torch.where(self.initialized, self.running_min, bmin)
         rng = torch.where(self.initialized, self.running_range, brange)
-        if self.widen:
+        if self.config.widen_to_batch:
             hi = torch.maximum(lo + rng, bmax)
             lo = torch.minimum(lo, bmin)
             rng = hi - lo

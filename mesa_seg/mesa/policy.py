@@ -9,14 +9,17 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, FrozenSet, Mapping, Optional, Tuple, Union
 
 from torch import nn
 
+from .attention import MesaMultiheadAttention
+from .config import QuantizerConfig
 from .modules import (MatMul, MesaBatchNorm2d, MesaConv2d, MesaGELU, MesaLayerNorm,
                       MesaLinear, MesaMatMul, MesaModule, MesaReLU, MesaSoftmax)
 
-__all__ = ['MesaPolicy', 'LAYER_TYPES', 'mesafy_', 'set_mesa_enabled', 'mesa_modules']
+__all__ = ['MesaPolicy', 'LAYER_TYPES', 'QUANTIZER_ATTRS', 'mesafy_', 'set_mesa_enabled',
+           'mesa_modules']
 
 #: policy layer name -> (torch class converted, its Mesa twin)
 LAYER_TYPES: Dict[str, Tuple[type, type]] = {
@@ -28,8 +31,13 @@ LAYER_TYPES: Dict[str, Tuple[type, type]] = {
     'MatMul': (MatMul, MesaMatMul),
     'BatchNorm2d': (nn.BatchNorm2d, MesaBatchNorm2d),
     'ReLU': (nn.ReLU, MesaReLU),
+    'MultiheadAttention': (nn.MultiheadAttention, MesaMultiheadAttention),
 }
 LAYER_TYPES_BY_CLASS = {float_cls: mesa_cls for float_cls, mesa_cls in LAYER_TYPES.values()}
+#: attribute names of the quantizer submodules over all Mesa layer types: a
+#: state_dict key ``<layer>.<one of these>.<buffer>`` is Mesa state, not a weight
+QUANTIZER_ATTRS: FrozenSet[str] = frozenset(
+    name for _, mesa_cls in LAYER_TYPES.values() for name in mesa_cls._quantized)
 SUPPORTED_BITS = (8,)
 GROUP_MODES = ('heads', 'channels')
 
@@ -50,20 +58,18 @@ class MesaPolicy:
             ``'heads'``: the ``num_heads`` of the innermost enclosing module that
             has one (the module itself included), 1 where none has.
             ``'channels'``: one group per input channel for layers that declare
-            their channels (Linear, Conv2d, LayerNorm, BatchNorm2d), 1 for the
+            their channels (Linear, Conv2d, LayerNorm, BatchNorm2d; the
+            in-projection inputs of MultiheadAttention), 1 for the
             others — suits conv heads, where BatchNorm's per-channel statistics
             over few pixels (e.g. pooled 1x1 maps) need per-channel ranges.
-            Default: 'heads'.
+            An int must divide the channels of each converted layer that
+            declares them, and, for attention Softmax/MatMul (grouped by head),
+            the innermost enclosing ``num_heads``. Default: 'heads'.
         bits (int): stored bits; only 8 is supported. Default: 8.
-        momentum (float): running-range EMA momentum. Default: 0.9.
-        stochastic_rounding (bool): stochastic (unbiased) vs nearest rounding.
-            Default: True.
-        sync_stats (bool): all-reduce range statistics across ranks (identical
-            estimates everywhere, two collectives per layer per step). Default: False.
-        widen_to_batch (bool): quantize each batch with the running range widened
-            to cover the batch's min/max, so nothing saturates (the estimates stay
-            the EMA). False is the paper's running range, where outliers saturate.
-            Default: False.
+        momentum (float), stochastic_rounding (bool), sync_stats (bool),
+        widen_to_batch (bool): the options of every converted layer's
+            quantizers, documented on :class:`QuantizerConfig`, whose defaults
+            (the paper's) they take.
     """
     enabled: bool = True
     layers: Tuple[str, ...] = tuple(LAYER_TYPES)
@@ -71,10 +77,10 @@ class MesaPolicy:
     exclude: Tuple[str, ...] = ()
     groups: Union[int, str] = 'heads'
     bits: int = 8
-    momentum: float = 0.9
-    stochastic_rounding: bool = True
-    sync_stats: bool = False
-    widen_to_batch: bool = False
+    momentum: float = QuantizerConfig.momentum
+    stochastic_rounding: bool = QuantizerConfig.stochastic_rounding
+    sync_stats: bool = QuantizerConfig.sync_stats
+    widen_to_batch: bool = QuantizerConfig.widen_to_batch
 
     def __post_init__(self):
         for name in ('layers', 'include', 'exclude'):
@@ -93,8 +99,10 @@ class MesaPolicy:
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f'Mesa policy: bits={self.bits} is not supported; Mesa stores '
                              f'activations as uint8 (bits must be one of {SUPPORTED_BITS})')
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f'Mesa policy: momentum must be in [0, 1), got {self.momentum}')
+        try:  # the quantizer options are validated where they are defined
+            self.quantizer_config(groups=1)
+        except ValueError as err:
+            raise ValueError(f'Mesa policy: {err}') from None
         for pattern in self.include + self.exclude:
             try:
                 re.compile(pattern)
@@ -134,11 +142,30 @@ class MesaPolicy:
             return mesa
         raise TypeError(f'mesa must be a dict, a MesaPolicy or None, got {type(mesa).__name__}')
 
+    def quantizer_config(self, groups: int) -> QuantizerConfig:
+        """The quantizer options of a converted layer, given its resolved
+        ``groups`` (the policy's ``groups`` may be a mode, resolved per layer)."""
+        return QuantizerConfig(groups=groups, momentum=self.momentum,
+                               stochastic_rounding=self.stochastic_rounding,
+                               sync_stats=self.sync_stats,
+                               widen_to_batch=self.widen_to_batch)
+
     def selects(self, name: str) -> bool:
         """Whether the include/exclude patterns select module ``name``."""
         if self.include and not any(re.search(p, name) for p in self.include):
             return False
         return not any(re.search(p, name) for p in self.exclude)
+
+
+def _innermost_heads(name: str, heads: Dict[str, int]) -> Optional[Tuple[str, int]]:
+    """``(owner, num_heads)`` of the innermost module enclosing ``name`` (itself
+    included) that has an int ``num_heads``; None where none has."""
+    parts = name.split('.') if name else []
+    for depth in range(len(parts), -1, -1):
+        owner = '.'.join(parts[:depth])
+        if owner in heads:
+            return owner, heads[owner]
+    return None
 
 
 def _resolve_groups(policy: MesaPolicy, module: nn.Module, name: str,
@@ -148,12 +175,21 @@ def _resolve_groups(policy: MesaPolicy, module: nn.Module, name: str,
     if policy.groups == 'channels':
         mesa_cls = LAYER_TYPES_BY_CLASS[type(module)]
         return mesa_cls._channels(module) or 1
-    parts = name.split('.') if name else []
-    for depth in range(len(parts), -1, -1):
-        found = heads.get('.'.join(parts[:depth]))
-        if found is not None:
-            return found
-    return 1
+    found = _innermost_heads(name, heads)
+    return 1 if found is None else found[1]
+
+
+def _check_head_groups(mesa_cls: type, groups: int, name: str,
+                       heads: Dict[str, int], root: nn.Module) -> None:
+    """Head-axis layers (attention scores, softmax) see their head count only in
+    the forward pass; their groups must divide the enclosing module's heads."""
+    if not mesa_cls._head_axis:
+        return
+    found = _innermost_heads(name, heads)
+    if found is not None and found[1] % groups:
+        owner, count = found
+        raise ValueError(f'groups={groups} does not divide the {count} attention heads of '
+                         f'{owner or type(root).__name__}')
 
 
 def mesafy_(model: nn.Module, policy: Union[MesaPolicy, Mapping, None] = None,
@@ -163,6 +199,7 @@ def mesafy_(model: nn.Module, policy: Union[MesaPolicy, Mapping, None] = None,
     Parameters are shared (not copied), so outputs stay identical and existing
     references (e.g. an optimizer) remain valid; torch's ``state_dict`` keys are
     kept, plus each quantizer's ``running_min``/``running_range``/``initialized``.
+    Each layer gets ``policy.quantizer_config(groups)`` with its resolved groups.
 
     Args:
         model (nn.Module): the model (or any submodule tree).
@@ -173,6 +210,11 @@ def mesafy_(model: nn.Module, policy: Union[MesaPolicy, Mapping, None] = None,
     Returns:
         nn.Module: ``model`` (the root itself is replaced only when it is a
         convertible layer, so use the return value).
+
+    Raises:
+        ValueError: a layer cannot take the policy's groups: they do not divide
+            its channels, or (attention scores, softmax) the ``num_heads`` of
+            the innermost enclosing module that has one.
     """
     policy = MesaPolicy.from_cfg(policy)
     if not policy.enabled:
@@ -188,12 +230,11 @@ def mesafy_(model: nn.Module, policy: Union[MesaPolicy, Mapping, None] = None,
             return module
         if filter_fn is not None and not filter_fn(module, name):
             return module
+        mesa_cls = spec[1]
+        groups = _resolve_groups(policy, module, name, heads)
         try:
-            return spec[1].from_float(module, groups=_resolve_groups(policy, module, name, heads),
-                                      momentum=policy.momentum,
-                                      stochastic=policy.stochastic_rounding,
-                                      sync=policy.sync_stats,
-                                      widen=policy.widen_to_batch)
+            _check_head_groups(mesa_cls, groups, name, heads, model)
+            return mesa_cls.from_float(module, policy.quantizer_config(groups))
         except ValueError as err:
             raise ValueError(f"Mesa: cannot convert '{name or type(module).__name__}': "
                              f'{err}') from None

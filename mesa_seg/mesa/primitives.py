@@ -21,20 +21,24 @@ and a per-call seed, computed inside the same kernel: ``torch.rand_like`` alone
 costs more than the op being compressed on CPU. With the ``'compile'`` backend
 (default) every primitive is one fused ``torch.compile`` kernel (C++ on CPU,
 Triton on CUDA); the ``'eager'`` backend is the plain-PyTorch fallback.
+``MESA_BACKEND`` sets the default, :func:`use_backend` selects one for a block
+of code, and :func:`compile_failed` tells whether compilation fell back to eager.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
 import warnings
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
 __all__ = [
     'QMAX', 'group_view', 'batch_min_max', 'quantize', 'dequantize',
-    'pack_bits', 'unpack_bits', 'new_seed', 'get_backend', 'set_backend',
+    'pack_bits', 'unpack_bits', 'new_seed', 'get_backend', 'set_backend', 'use_backend',
+    'compile_failed', 'reset_compiled_kernels',
 ]
 
 QMAX = 255  # uint8
@@ -70,8 +74,8 @@ def _hash_noise(shape: torch.Size, seed: torch.Tensor, device) -> torch.Tensor:
     """U[0, 1) noise from a 32-bit integer hash of the flat element index.
 
     int32 arithmetic on purpose: it wraps (Triton, and in practice C++), and
-    64-bit multiplies have no AVX2 instruction, which made the fused kernel 2x
-    slower.
+    64-bit multiplies have no AVX2 instruction, which made the fused kernel
+    markedly slower.
     """
     idx = torch.arange(math.prod(shape), device=device, dtype=torch.int32).view(shape)
     h = idx * 747796405 + seed.to(torch.int32)
@@ -94,7 +98,7 @@ def _quantize_eager(x3, lo, rng, seed):
     scale = QMAX / rng.clamp_min(_TINY)
     y = torch.addcmul((-lo * scale)[None, :, None], x3.float(), scale[None, :, None])
     # The index hash is cheap only when fused. Eagerly, 8 random bits per element
-    # (randint on uint8 is ~3x cheaper than rand_like) from a generator seeded
+    # (randint on uint8 is much cheaper than rand_like) from a generator seeded
     # by `seed`: the noise is a function of the seed, as in the fused kernel,
     # and torch's global RNG is left alone.
     gen = torch.Generator(device=x3.device).manual_seed(int(seed))
@@ -116,7 +120,7 @@ def _dequantize(q3, lo, rng, dtype: torch.dtype):
 
 def _pack_bits(mask8):
     # Eight shifted ORs fuse into one pass; a (x * weights).sum(-1) reduction
-    # over the 8-wide axis compiled to a kernel 70x slower.
+    # over the 8-wide axis compiled to a far slower kernel.
     m = mask8.to(torch.uint8)
     out = m[:, 0]
     for bit in range(1, 8):
@@ -176,6 +180,48 @@ def set_backend(name: str) -> None:
     if name not in ('compile', 'eager'):
         raise ValueError(f"backend must be 'compile' or 'eager', got {name!r}")
     _backend = name
+
+
+def compile_failed() -> bool:
+    """Whether compiling a kernel failed in this process, so that the
+    ``'compile'`` backend runs the eager kernels (it warned once)."""
+    return _compile_failed
+
+
+def reset_compiled_kernels() -> None:
+    """Drop the compiled kernels, dynamo's caches and an earlier compilation
+    failure: the next ``'compile'`` kernel call compiles afresh.
+
+    For a process that knows the cause of the failure is gone (e.g. a test
+    session where an earlier test exhausted dynamo's recompile limit). It
+    resets *all* of dynamo's state, not only Mesa's.
+    """
+    global _compile_failed
+    torch._dynamo.reset()
+    _compiled.clear()
+    _compile_failed = False
+
+
+@contextlib.contextmanager
+def use_backend(name: str, retry: bool = False) -> Iterator[None]:
+    """Run the enclosed code with ``'compile'`` or ``'eager'`` kernels, then
+    select the previous backend again (even on an exception). A compilation
+    failure inside is not undone: it is a fact about this process.
+
+    Args:
+        name (str): ``'compile'`` or ``'eager'``.
+        retry (bool): with ``'compile'``, if an earlier compilation failure sent
+            the kernels to eager for good (:func:`compile_failed`), first
+            :func:`reset_compiled_kernels` so they compile again. Default: False.
+    """
+    prev = get_backend()
+    set_backend(name)  # validates the name before anything else changes
+    try:
+        if retry and name == 'compile' and _compile_failed:
+            reset_compiled_kernels()
+        yield
+    finally:
+        set_backend(prev)
 
 
 def _kernel(name: str):
