@@ -2,17 +2,21 @@
 
 The stack is mmcv-lite 2.1.0 (no compiled ``mmcv.ops``), torch >= 2.6 (whose
 ``torch.load`` defaults to ``weights_only=True``), mmengine 0.10.7 and, on
-machines without a GPU, CPU training. :func:`apply` runs the import-time fixes
-and is called by ``import mesa_seg`` before mmseg is imported, so
-``custom_imports=dict(imports=['mesa_seg'])`` in a config is enough for mmseg's
-own ``tools/train.py`` as well. The CPU launch fixes are helpers, called by our
-``tools/train.py`` and ``tools/test.py``:
+machines without a GPU, CPU training. :func:`apply` runs the import-time fixes;
+it must run before mmseg is imported, so ``import mesa_seg.models`` and
+:func:`mesa_seg.register_all_modules` (which ``custom_imports=dict(imports=
+['mesa_seg.register'])`` in a config runs, for mmseg's own ``tools/train.py``
+as well) call it first. Importing this module changes nothing. The CPU launch
+fixes are helpers, called by our ``tools/train.py`` and ``tools/test.py``
+(through :func:`mesa_seg.runner.prepare_cfg`):
 
 - :func:`apply`: mmcv.ops stand-in, checkpoint allowlist, registers
   :class:`CPUAmpOptimWrapper` (bf16 AMP on CPU).
 - :func:`setup_cpu_distributed`: gloo process group and ``device_ids=None``.
-- :func:`sync_bn_to_bn`: SyncBN -> BN in a model config.
+- :func:`sync_bn_cfg_to_bn`: SyncBN -> BN in a model *config* (built
+  modules: :func:`mesa_seg.models.segmentors.convert_sync_bn_to_bn2d`).
 """
+import datetime
 import importlib.util
 import os
 import pickle
@@ -29,7 +33,7 @@ from mmengine.registry import OPTIM_WRAPPERS
 
 __all__ = [
     'apply', 'MmcvOpsUnavailableError', 'CPUAmpOptimWrapper',
-    'setup_cpu_distributed', 'sync_bn_to_bn'
+    'setup_cpu_distributed', 'sync_bn_cfg_to_bn'
 ]
 
 # Names imported from ``mmcv.ops`` at import time of ``mmseg.models`` (and of
@@ -204,8 +208,9 @@ def setup_cpu_distributed(cfg, launcher: str) -> bool:
 
     mmengine's launchers call ``torch.cuda.set_device`` and its default DDP
     wrapper passes ``device_ids=[LOCAL_RANK]``; both fail without CUDA. Here
-    the gloo process group is initialised from the launcher's environment
-    (the Runner then skips its own init) and ``cfg.model_wrapper_cfg`` gets
+    the gloo process group is initialised from the launcher's environment,
+    with ``env_cfg.dist_cfg.timeout`` (seconds) as its timeout (the Runner
+    then skips its own init), and ``cfg.model_wrapper_cfg`` gets
     ``device_ids=None``. With CUDA, or ``launcher='none'``, it does nothing
     and mmengine uses the config's backend (nccl) as in mmseg.
 
@@ -234,7 +239,13 @@ def setup_cpu_distributed(cfg, launcher: str) -> bool:
             f'(missing: {", ".join(missing)}); start with tools/dist_train.sh '
             'CONFIG NPROC (torchrun) instead')
     if not dist.is_initialized():
-        dist.init_process_group(backend='gloo')
+        # the config's timeout bounds how long a collective waits for a rank
+        # that stopped answering (mmengine's init_dist reads it the same way)
+        timeout = ((cfg.get('env_cfg') or {}).get('dist_cfg') or {}).get(
+            'timeout')
+        kwargs = {} if timeout is None else dict(
+            timeout=datetime.timedelta(seconds=timeout))
+        dist.init_process_group(backend='gloo', **kwargs)
     wrapper = dict(
         type='MMDistributedDataParallel',
         broadcast_buffers=False,
@@ -245,7 +256,7 @@ def setup_cpu_distributed(cfg, launcher: str) -> bool:
     return True
 
 
-def sync_bn_to_bn(node: Any) -> Any:
+def sync_bn_cfg_to_bn(node: Any) -> Any:
     """Replace ``type='SyncBN'`` by ``'BN'`` in a (nested) model config.
 
     ``nn.SyncBatchNorm`` needs CUDA tensors once a process group exists
@@ -262,8 +273,8 @@ def sync_bn_to_bn(node: Any) -> Any:
         if node.get('type') == 'SyncBN':
             node['type'] = 'BN'
         for value in node.values():
-            sync_bn_to_bn(value)
+            sync_bn_cfg_to_bn(value)
     elif isinstance(node, (list, tuple)):
         for value in node:
-            sync_bn_to_bn(value)
+            sync_bn_cfg_to_bn(value)
     return node

@@ -1,25 +1,32 @@
 """Input checks that run before anything is built or written.
 
-``tools/train.py`` and ``tools/test.py`` call :func:`check_inputs` after
-:mod:`mesa_seg.apis` has checked paths (config, data root, work dir). Every
-problem is a one-line :class:`~mesa_seg.apis.UsageError` (exit 2), raised
-before the Runner creates its log folder:
+``tools/train.py`` and ``tools/test.py`` (:mod:`mesa_seg.cli`) run them after
+loading the config and checking the work dir. Every problem is a one-line
+:class:`~mesa_seg.errors.UsageError` (exit 2), raised before the Runner
+creates its log folder:
 
-- datasets (once :func:`mesa_seg.apis.check_data` has found the folders and
-  paired images with annotations): files decode, annotations are
-  single-channel label maps of the image's size, with values inside the class
-  range (:func:`check_dataset`);
+- data roots exist and their images and annotations pair up by name
+  (:func:`check_data`);
+- local pretrained weights exist (:func:`check_pretrained`);
+- datasets: files decode, annotations are single-channel label maps of the
+  image's size, with values inside the class range (:func:`check_dataset`);
 - the train crop fits the images the resize step can produce and the model's
   input size (:func:`check_train_crop`);
 - the model config builds (unknown Mesa option, unsupported bit width, group
   count not dividing channels or heads, ...) (:func:`check_model`);
-- the checkpoint to load or resume fits that model (:func:`check_checkpoint`).
+- the checkpoint to load or resume fits that model (:func:`check_checkpoint`);
+- a checkpoint to resume was trained on as many ranks as this launch has
+  (:func:`check_resume_world_size`).
+
+:func:`check_inputs` runs the checks from datasets to checkpoint.
 """
 from __future__ import annotations
 
 import copy
+import inspect
+import os
 import os.path as osp
-from typing import Optional, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -28,25 +35,117 @@ from mmengine.logging import print_log
 from PIL import Image
 from torch import nn
 
-from .apis import UsageError, _datasets
-from .mesa import MesaModule
-from .resilience import match_state_dict
+from .errors import DataError, UsageError
+from .models.checkpoint import match_state_dict
 
 __all__ = [
-    'DataError', 'check_inputs', 'check_dataset', 'check_train_crop',
-    'check_model', 'check_checkpoint', 'checkpoint_to_load', 'CONTENT_CHECK_LIMIT'
+    'check_data', 'check_pretrained', 'check_inputs', 'check_dataset',
+    'check_train_crop', 'check_model', 'check_checkpoint',
+    'check_resume_world_size', 'launch_world_size', 'checkpoint_to_load', 'CONTENT_CHECK_LIMIT', 'DATA_HINT'
 ]
 
 #: Datasets up to this many images get every image and annotation decoded
-#: (about 5 ms a pair); larger ones get headers only (~0.2 ms a pair) and
+#: (slow for big sets); larger ones get headers only (much cheaper) and
 #: their labels are checked per batch by ``LabelRangeHook``.
 CONTENT_CHECK_LIMIT = 1000
 _MAX_LABELS = 5  # bad label values named in a message
 _LABEL_MODES = ('1', 'L', 'P', 'I', 'I;16')
 
+DATA_HINT = ('make the demo set with "python tools/make_demo_data.py {root}" '
+             'or put ADE20K there (README, "Data"), or set '
+             '--cfg-options {key}=PATH')
 
-class DataError(UsageError):
-    """A dataset that cannot be trained or evaluated on as it is."""
+
+# ----------------------------------------------------------- paths, files
+def _datasets(node, key: str) -> Iterator[Tuple[str, dict]]:
+    """Dataset dicts with a ``data_root`` in a dataloader config, wrappers
+    (RepeatDataset, ConcatDataset) included, with their dotted keys."""
+    if isinstance(node, dict):
+        if 'data_root' in node:
+            yield key, node
+        for k, v in node.items():
+            if k != 'pipeline':
+                yield from _datasets(v, f'{key}.{k}')
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            yield from _datasets(v, f'{key}.{i}')
+
+
+def _suffixes(ds: dict) -> Tuple[str, str]:
+    """The image and label suffixes a dataset config will use."""
+    from mmseg.registry import DATASETS
+    defaults = {}
+    cls = DATASETS.get(ds.get('type', '')) if isinstance(
+        ds.get('type'), str) else ds.get('type')
+    if cls is not None:
+        params = inspect.signature(cls.__init__).parameters
+        defaults = {k: p.default for k, p in params.items()}
+    return (ds.get('img_suffix', defaults.get('img_suffix', '.jpg')),
+            ds.get('seg_map_suffix', defaults.get('seg_map_suffix', '.png')))
+
+
+def _stems(folder: str, suffix: str) -> set:
+    stems = set()
+    for dirpath, _, files in os.walk(folder):
+        rel = osp.relpath(dirpath, folder)
+        for f in files:
+            if f.endswith(suffix):
+                stems.add(osp.normpath(osp.join(rel, f[:-len(suffix)])))
+    return stems
+
+
+def check_data(cfg: Config, loaders: Sequence[str]) -> None:
+    """Fail early, naming the path, when a dataset folder is missing or its
+    images and annotations do not pair up by name."""
+    for loader in loaders:
+        if not cfg.get(loader):
+            continue
+        for key, ds in _datasets(cfg[loader].get('dataset'),
+                                 f'{loader}.dataset'):
+            root = ds['data_root']
+            hint = DATA_HINT.format(root=root, key=f'{key}.data_root')
+            if not osp.isdir(root):
+                raise UsageError(f'data root not found: {root}; {hint}')
+            prefix = ds.get('data_prefix') or {}
+            img_dir, ann_dir = (prefix.get('img_path'),
+                                prefix.get('seg_map_path'))
+            for sub in (img_dir, ann_dir):
+                if sub and not osp.isdir(osp.join(root, sub)):
+                    raise UsageError(
+                        f'data root {root} has no {sub}/ folder (ADE20K '
+                        f'layout expected); {hint}')
+            if not (img_dir and ann_dir):
+                continue
+            img_suffix, ann_suffix = _suffixes(ds)
+            imgs = _stems(osp.join(root, img_dir), img_suffix)
+            anns = _stems(osp.join(root, ann_dir), ann_suffix)
+            if not imgs:
+                raise UsageError(
+                    f'no *{img_suffix} images in {osp.join(root, img_dir)}')
+            if imgs != anns:
+                no_ann = sorted(imgs - anns)[:3]
+                no_img = sorted(anns - imgs)[:3]
+                raise UsageError(
+                    f'images and annotations of {root} do not pair up '
+                    f'({len(imgs)} *{img_suffix} in {img_dir}/, {len(anns)} '
+                    f'*{ann_suffix} in {ann_dir}/); without annotation: '
+                    f'{no_ann or "none"}, without image: {no_img or "none"}')
+
+
+def check_pretrained(cfg: Config) -> None:
+    """Local pretrained weights must exist (nothing is downloaded)."""
+    model = cfg.get('model', {})
+    paths = [model.get('pretrained')]
+    for part in ('backbone', 'decode_head', 'auxiliary_head'):
+        init_cfg = (model.get(part) or {}).get('init_cfg') or {}
+        if isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained':
+            paths.append(init_cfg.get('checkpoint'))
+    for path in paths:
+        if isinstance(path, str) and '://' not in path and \
+                not osp.isfile(path):
+            raise UsageError(
+                f'pretrained weights not found: {path} (README, '
+                '"Pretrained weights")')
 
 
 def check_inputs(cfg: Config, loaders: Sequence[str]) -> nn.Module:
@@ -114,7 +213,7 @@ def check_dataset(dataset_cfg: dict, key: str = 'dataset',
     if not seg_dir:
         return
     # that images and annotations pair up by name is checked before, by
-    # mesa_seg.apis.check_data
+    # check_data
     num_classes = len(dataset.metainfo.get('classes') or ())
     full = len(infos) <= content_limit
     for info in infos:
@@ -255,9 +354,8 @@ def check_model(cfg: Config) -> nn.Module:
     """Build the model once, as the Runner will, and return it.
 
     Construction validates Mesa policies (unknown options, bit width, group
-    counts against channels) and every other constructor argument; the head
-    count of attention tensors is checked here too, since Mesa sees those
-    tensors only in the forward pass.
+    counts against channels and attention heads) and every other constructor
+    argument.
 
     Raises:
         UsageError: With the builder's message (which names the class).
@@ -274,7 +372,6 @@ def check_model(cfg: Config) -> nn.Module:
         except _CONFIG_ERRORS as e:
             raise UsageError(f'invalid model config '
                              f'({_failing_part(model_cfg)}): {e}') from None
-    _check_head_groups(model)
     return model
 
 
@@ -297,34 +394,10 @@ def _failing_part(model_cfg: dict) -> str:
     return 'model'
 
 
-def _check_head_groups(model: nn.Module) -> None:
-    heads = {
-        name: module.num_heads
-        for name, module in model.named_modules()
-        if isinstance(getattr(module, 'num_heads', None), int)
-    }
-    for name, module in model.named_modules():
-        # head-axis layers (attention scores, softmax) do not know their size
-        # before the forward pass; their groups split the heads
-        if not isinstance(module, MesaModule) or module._group_dim != 1 or \
-                module._channels() is not None:
-            continue
-        parts = name.split('.')
-        count = next((heads[p] for p in ('.'.join(parts[:d])
-                                         for d in range(len(parts), -1, -1))
-                      if p in heads), None)
-        for qname in module._quantized:
-            groups = getattr(module, qname).groups
-            if count is not None and count % groups:
-                raise UsageError(
-                    f'invalid model config: Mesa groups={groups} does not '
-                    f'divide the {count} attention heads of {name}')
-
-
 # ------------------------------------------------------------ checkpoint
 def check_checkpoint(model: nn.Module, path: str) -> None:
     """The checkpoint at ``path`` is readable and fits ``model`` (see
-    :func:`mesa_seg.resilience.match_state_dict`).
+    :func:`mesa_seg.models.checkpoint.match_state_dict`).
 
     Raises:
         UsageError: Unreadable file, or the mismatching keys.
@@ -350,3 +423,38 @@ def check_checkpoint(model: nn.Module, path: str) -> None:
         match_state_dict(model, state_dict)
     except UsageError as e:
         raise type(e)(f'{path}: {e}') from None
+
+
+def launch_world_size(launcher: str) -> int:
+    """The number of ranks ``launcher`` starts, from its environment (before
+    the process group exists)."""
+    key = {'pytorch': 'WORLD_SIZE', 'slurm': 'SLURM_NTASKS'}.get(launcher)
+    try:
+        return int(os.environ.get(key, 1)) if key else 1
+    except ValueError:
+        return 1
+
+
+def check_resume_world_size(cfg: Config, world_size: int) -> None:
+    """Resuming continues the same run only on the same number of ranks:
+    refuse another one unless
+    ``default_hooks.checkpoint.allow_world_size_change`` (see
+    :class:`mesa_seg.hooks.SafeCheckpointHook`).
+
+    Raises:
+        UsageError: The checkpoint was trained on another number of ranks.
+    """
+    path = checkpoint_to_load(cfg) if cfg.get('resume') else None
+    hook = (cfg.get('default_hooks') or {}).get('checkpoint') or {}
+    if not path or hook.get('allow_world_size_change'):
+        return
+    try:
+        ckpt = torch.load(path, map_location='cpu', mmap=True,
+                          weights_only=True)
+    except Exception:  # noqa: BLE001 - check_checkpoint reports those
+        return
+    saved = ((ckpt.get('meta') or {}) if isinstance(ckpt, dict) else
+             {}).get('world_size')
+    if saved is not None and saved != world_size:
+        from .hooks.safe_checkpoint_hook import world_size_message
+        raise UsageError(world_size_message(path, saved, world_size))

@@ -3,6 +3,14 @@ import os.path as osp
 
 import pytest
 
+from mesa_seg.setup_env import register_all_modules
+
+# mmseg hard-imports mmcv.ops, which mmcv-lite lacks: apply the compat fixes and
+# register mesa-seg's modules once, before any test module imports mmseg (what
+# configs get through custom_imports=['mesa_seg.register']). Tests of a bare
+# `import mesa_seg` run in fresh subprocesses (tests/test_architecture.py).
+register_all_modules(init_default_scope=False)
+
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY_CONFIG = osp.join(REPO, 'tests', 'data', 'tiny_upernet_swin.py')
 LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')

@@ -3,6 +3,7 @@ import importlib.util
 import io
 import pickle
 import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -11,8 +12,9 @@ import torch
 from mmengine.config import Config
 from mmengine.logging import HistoryBuffer, MessageHub
 
-import mesa_seg  # noqa: F401  (applies the fixes)
 from mesa_seg import compat
+
+compat.apply()  # before mmseg is imported
 
 
 # (a) mmcv-lite: mmcv.ops stand-in
@@ -52,6 +54,18 @@ def test_apply_is_idempotent_and_steps_aside_for_full_mmcv(monkeypatch):
         if name == 'mmcv._ext' else real_find_spec(name, *a))
     compat._install_mmcv_ops_stand_in()
     assert 'mmcv.ops' not in sys.modules
+
+
+def test_importing_compat_changes_nothing():
+    """Only apply() (run by register_all_modules / mesa_seg.models) patches."""
+    code = ('import sys, mesa_seg.compat; '
+            'from mmengine.registry import OPTIM_WRAPPERS; '
+            'print("mmcv.ops" in sys.modules, '
+            '"CPUAmpOptimWrapper" in OPTIM_WRAPPERS.module_dict)')
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ['False', 'False']
 
 
 # (b) torch >= 2.6 weights_only loading of mmengine checkpoints
@@ -100,9 +114,15 @@ def _free_port():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='CPU-only path')
 def test_setup_cpu_distributed(monkeypatch):
+    import datetime
+
     import torch.distributed as dist
-    cfg = Config(dict(find_unused_parameters=True))
+    cfg = Config(dict(find_unused_parameters=True,
+                      env_cfg=dict(dist_cfg=dict(backend='nccl', timeout=7))))
     assert not compat.setup_cpu_distributed(cfg, 'none')
+    init, calls = dist.init_process_group, []
+    monkeypatch.setattr(dist, 'init_process_group',
+                        lambda *a, **kw: calls.append(kw) or init(*a, **kw))
     for key in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(RuntimeError, match='dist_train.sh'):
@@ -115,6 +135,9 @@ def test_setup_cpu_distributed(monkeypatch):
     try:
         assert compat.setup_cpu_distributed(cfg, 'pytorch')
         assert dist.get_backend() == 'gloo'
+        # the config's timeout bounds how long a collective waits for a rank
+        assert calls == [dict(backend='gloo',
+                              timeout=datetime.timedelta(seconds=7))]
         assert cfg.model_wrapper_cfg['device_ids'] is None
         assert cfg.model_wrapper_cfg['find_unused_parameters'] is True
         from mmengine.model import MMDistributedDataParallel
@@ -142,7 +165,7 @@ def test_slurm_env_translation():
 
 
 # (d) SyncBN -> BN on CPU
-def test_sync_bn_to_bn_builds_plain_bn():
+def test_sync_bn_cfg_to_bn_builds_plain_bn():
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
     register_all_modules()
@@ -154,7 +177,7 @@ def test_sync_bn_to_bn_builds_plain_bn():
         num_convs=1,
         num_classes=2,
         norm_cfg=norm)
-    head = MODELS.build(compat.sync_bn_to_bn([model_cfg])[0])
+    head = MODELS.build(compat.sync_bn_cfg_to_bn([model_cfg])[0])
     assert norm['type'] == 'BN'
     kinds = {type(m) for m in head.modules()}
     assert torch.nn.BatchNorm2d in kinds

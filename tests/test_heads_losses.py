@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mesa_seg  # noqa: F401  (first: compat must run before mmseg is imported)
+import mesa_seg.register  # noqa: F401  (compat fixes + registration before mmseg is imported)
 from mmengine.structures import PixelData
 from mmseg.models.losses import accuracy
 from mmseg.registry import MODELS
@@ -203,10 +203,10 @@ def test_head_policy_defaults_per_channel_widened_ranges():
     convs = [m for m in model.decode_head.modules() if isinstance(m, MesaConv2d)]
     assert convs
     for conv in convs:
-        assert conv.quantizer.widen and conv.quantizer.groups == conv.in_channels
+        assert conv.quantizer.config.widen_to_batch and conv.quantizer.groups == conv.in_channels
     # Options given in the config update the defaults.
     model = MODELS.build(_segmentor_cfg(mesa=dict(widen_to_batch=False, groups=1)))
-    assert not any(m.quantizer.widen or m.quantizer.groups != 1
+    assert not any(m.quantizer.config.widen_to_batch or m.quantizer.groups != 1
                    for m in model.decode_head.modules() if isinstance(m, MesaConv2d))
 
 
@@ -226,3 +226,35 @@ def test_syncbn_becomes_mesa_bn_in_a_single_process():
 def test_bad_mesa_option_in_segmentor_is_a_clear_error():
     with pytest.raises(ValueError, match='unknown option'):
         MODELS.build(_segmentor_cfg(mesa=dict(group=4)))
+
+
+def test_heads_with_their_own_loss_keep_it(monkeypatch):
+    """EncHead (SE loss) and DAHead (PAM/CAM losses) define their own
+    loss_by_feat/loss: the fused loss would drop their extra terms."""
+    from mesa_seg.models import segmentors
+    logs = []
+    monkeypatch.setattr(segmentors, 'print_log', lambda msg, **kw: logs.append(msg))
+    norm_cfg = dict(type='BN', requires_grad=True)
+    cfg = _segmentor_cfg(mesa=dict(groups='channels'))
+    cfg['decode_head'] = dict(
+        type='EncHead', in_channels=[32, 64, 128, 256], in_index=[0, 1, 2, 3], channels=32,
+        num_codes=8, use_se_loss=True, add_lateral=False, dropout_ratio=0.0,
+        num_classes=NUM_CLASSES, norm_cfg=norm_cfg, align_corners=False,
+        loss_decode=dict(type='CrossEntropyLoss', loss_weight=1.0),
+        loss_se_decode=dict(type='CrossEntropyLoss', use_sigmoid=True, loss_weight=0.2))
+    cfg['auxiliary_head'] = dict(
+        type='DAHead', in_channels=128, in_index=2, channels=16, pam_channels=8,
+        dropout_ratio=0.0, num_classes=NUM_CLASSES, norm_cfg=norm_cfg, align_corners=False,
+        loss_decode=dict(type='CrossEntropyLoss', loss_weight=0.4))
+    model = MODELS.build(cfg)
+    assert type(model.decode_head).__name__ == 'EncHead'
+    assert type(model.auxiliary_head).__name__ == 'DAHead'
+    assert 'Mesa: EncHead keeps the unfused loss: EncHead defines its own loss_by_feat' in logs
+    assert 'Mesa: DAHead keeps the unfused loss: DAHead defines its own loss_by_feat' in logs
+    losses, _ = _loss_and_grads(model, *_batch())
+    for key in ('decode.loss_ce', 'decode.loss_se', 'aux.pam_cam.loss_ce', 'aux.pam.loss_ce',
+                'aux.cam.loss_ce'):
+        assert torch.isfinite(losses[key]), key
+    # a stock head next to them still gets the fused loss
+    cfg['auxiliary_head'] = _segmentor_cfg()['auxiliary_head']
+    assert type(MODELS.build(cfg).auxiliary_head).__name__ == 'FusedLossFCNHead'

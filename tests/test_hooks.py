@@ -1,4 +1,5 @@
-"""PeakMemoryHook: peak memory in the training log lines (CPU path)."""
+"""mesa_seg.hooks: every hook registered and on in default_runtime;
+PeakMemoryHook's peak memory in the training log lines (CPU path)."""
 import glob
 import os.path as osp
 import uuid
@@ -8,9 +9,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-import mesa_seg  # noqa: F401  (registers the hook)
-from mesa_seg import hooks as hooks_module
+import mesa_seg.hooks
 from mesa_seg.hooks import PeakMemoryHook
+from mesa_seg.hooks import peak_memory_hook as hooks_module
 
 MiB = 1024 ** 2
 SPIKE_MB = 192
@@ -77,11 +78,27 @@ def cpu_only(monkeypatch):
 
 def test_registered_and_in_default_runtime():
     from mmengine.config import Config
+    from mmengine.hooks import Hook
     from mmengine.registry import HOOKS
     assert isinstance(HOOKS.build(dict(type='PeakMemoryHook')), PeakMemoryHook)
     root = osp.dirname(osp.dirname(osp.abspath(__file__)))
     cfg = Config.fromfile(osp.join(root, 'configs', '_base_', 'default_runtime.py'))
-    assert dict(type='PeakMemoryHook') in cfg.custom_hooks
+    hooks = [name for name in mesa_seg.hooks.__all__
+             if isinstance(getattr(mesa_seg.hooks, name), type)]
+    assert sorted(hooks) == ['CheckpointCompatHook', 'LabelRangeHook',
+                             'PeakMemoryHook', 'PreemptionHook',
+                             'RandomStateHook', 'SafeCheckpointHook']
+    for name in hooks:
+        cls = getattr(mesa_seg.hooks, name)
+        assert issubclass(cls, Hook) and HOOKS.get(name) is cls
+        if name != 'SafeCheckpointHook':
+            assert dict(type=name) in cfg.custom_hooks
+    # the checkpoint hook is a default hook, set where mmseg sets it
+    schedules = glob.glob(osp.join(root, 'configs', '_base_', 'schedules', '*.py'))
+    assert len(schedules) == 4
+    for path in schedules:
+        checkpoint = Config.fromfile(path).default_hooks.checkpoint
+        assert checkpoint.type == 'SafeCheckpointHook', path
 
 
 def test_logs_peak_since_previous_line(tmp_path, cpu_only):
@@ -119,3 +136,54 @@ def test_leaves_gpu_memory_field_to_mmengine(tmp_path, monkeypatch):
     monkeypatch.setattr(hooks_module, 'is_cuda_available', lambda: True)
     runner = _train(tmp_path, max_iters=2, spike_at=None)
     assert 'train/memory' not in runner.message_hub.log_scalars
+
+
+# ---- PreemptionHook ----------------------------------------------------------------
+def test_preemption_hook_saves_the_iteration_and_stops(tmp_path):
+    """SIGTERM during iteration 3 of 6: the iteration finishes, iter_3.pth is
+    saved (no periodic save was due) and Preempted stops the run."""
+    import os
+    import signal
+
+    from mmengine.model import BaseModel
+    from mmengine.runner import Runner
+
+    from mesa_seg.errors import Preempted
+
+    class Toy(BaseModel):
+
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(2, 1)
+            self.calls = 0
+
+        def forward(self, inputs, labels=None, mode='tensor'):
+            self.calls += 1
+            if self.calls == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            out = self.linear(inputs)
+            return dict(loss=((out - labels)**2).mean()) if mode == 'loss' else out
+
+    before = signal.getsignal(signal.SIGTERM)
+    runner = Runner(
+        model=Toy(),
+        work_dir=str(tmp_path),
+        experiment_name=f'preempt_{uuid.uuid4().hex[:8]}',
+        train_dataloader=DataLoader(_Pairs(), batch_size=4, shuffle=False),
+        train_cfg=dict(by_epoch=False, max_iters=6),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
+        default_hooks=dict(checkpoint=dict(type='SafeCheckpointHook',
+                                           by_epoch=False, interval=100)),
+        custom_hooks=[dict(type='PreemptionHook')],
+        log_processor=dict(by_epoch=False),
+        default_scope=None)
+    with pytest.raises(Preempted) as stop:
+        runner.train()
+    assert str(stop.value) == (
+        f'signal SIGTERM: stopped after iteration 3 of 6, saved '
+        f'{tmp_path}/iter_3.pth; continue with --resume')
+    assert signal.getsignal(signal.SIGTERM) is before  # handler put back
+    assert sorted(f for f in os.listdir(tmp_path) if not f[0].isdigit()) \
+        == ['iter_3.pth', 'last_checkpoint']
+    ckpt = torch.load(tmp_path / 'iter_3.pth', weights_only=False)
+    assert ckpt['meta']['iter'] == 3 and ckpt['meta']['world_size'] == 1

@@ -10,8 +10,8 @@ from mmengine.structures import PixelData
 from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 
-import mesa_seg  # noqa: F401  (registers the models)
-from mesa_seg.compat import sync_bn_to_bn
+import mesa_seg.register  # noqa: F401  (registers the models, as custom_imports)
+from mesa_seg.compat import sync_bn_cfg_to_bn
 from mesa_seg.mesa import mesa_modules
 
 CONFIGS = Path(__file__).parents[1] / 'configs'
@@ -47,7 +47,7 @@ def test_baseline_recipe(name):
     cfg = _load(name)
     backbone_type, arch, in_channels = BASELINES[name]
     assert cfg.custom_imports == dict(
-        imports=['mesa_seg'], allow_failed_imports=False)
+        imports=['mesa_seg.register'], allow_failed_imports=False)
     assert cfg.model.type == 'EncoderDecoder'
     assert cfg.model.pretrained is None  # nothing is ever downloaded
     assert (cfg.model.backbone.type, cfg.model.backbone.arch) == (backbone_type,
@@ -84,7 +84,7 @@ def test_mesa_model_builds_and_trains(name):
     """Build the whole segmentor from the config and run one CPU train step."""
     init_default_scope('mmseg')
     cfg = _load(name)
-    model = MODELS.build(sync_bn_to_bn(cfg.model.to_dict()))
+    model = MODELS.build(sync_bn_cfg_to_bn(cfg.model.to_dict()))
     model.init_weights()
     converted = {n.split('.')[0] for n, _ in mesa_modules(model)}
     assert converted == {'backbone', 'neck', 'decode_head'}

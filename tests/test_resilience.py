@@ -1,4 +1,5 @@
-"""mesa_seg.resilience / mesa_seg.preflight: range faults on a real model step,
+"""mesa_seg.hooks / fileio / preflight / models.checkpoint: range faults on a
+real model step,
 NaN/Inf stop before the optimizer step, checkpoints across Mesa/FP32 variants,
 atomic writes, RNG states, and bad input failing before anything is written.
 
@@ -22,18 +23,21 @@ from mmengine.runner.checkpoint import _load_checkpoint_to_model
 from mmengine.structures import PixelData
 from PIL import Image
 
-import mesa_seg  # noqa: F401
 import mesa_seg.mesa as mesa
-from mesa_seg import resilience
-from mesa_seg.apis import run_test, run_train
-from mesa_seg.compat import sync_bn_to_bn
+from mesa_seg import register_all_modules
+from mesa_seg.cli import run_test, run_train
+from mesa_seg.compat import sync_bn_cfg_to_bn
+from mesa_seg.errors import (CheckpointMismatchError, LabelError,
+                             NonFiniteLossError)
+from mesa_seg.fileio import AtomicLocalBackend
+from mesa_seg.hooks import (CheckpointCompatHook, LabelRangeHook,
+                            get_random_state, set_random_state)
+from mesa_seg.hooks import checkpoint_compat_hook
 from mesa_seg.mesa import MesaLinear, RunningRange
 from mesa_seg.mesa.primitives import group_view
-from mesa_seg.resilience import (AtomicLocalBackend, CheckpointCompatHook,
-                                 CheckpointMismatchError, LabelError,
-                                 LabelRangeHook, NonFiniteLossError,
-                                 get_random_state, match_state_dict,
-                                 set_random_state)
+from mesa_seg.models.checkpoint import match_state_dict
+
+register_all_modules(init_default_scope=False)  # models, hooks, atomic writes
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY = osp.join(REPO, 'tests', 'data', 'tiny_upernet_swin.py')
@@ -48,12 +52,11 @@ MESA_OPTIONS = [
 def _one_thread_eager():
     """One thread (2-thread OpenMP is ~10x slower on this busy 2-core box)
     and eager Mesa kernels (no 20 s compilation per process)."""
-    threads, backend = torch.get_num_threads(), mesa.get_backend()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    mesa.set_backend('eager')
-    yield
+    with mesa.use_backend('eager'):
+        yield
     torch.set_num_threads(threads)
-    mesa.set_backend(backend)
 
 
 def _model_cfg(mesa_on: bool, **backbone):
@@ -63,7 +66,7 @@ def _model_cfg(mesa_on: bool, **backbone):
         cfg.mesa = dict(groups='channels')
         cfg.backbone.type = 'MesaSwinTransformer'
     cfg.backbone.update(backbone)
-    return sync_bn_to_bn(cfg)
+    return sync_bn_cfg_to_bn(cfg)
 
 
 def _build(mesa_on: bool, seed: int = 0, **backbone):
@@ -211,7 +214,7 @@ def _load_as_runner_does(model, state_dict, hook=None):
 @pytest.fixture
 def logs(monkeypatch):
     lines = []
-    monkeypatch.setattr(resilience, 'print_log',
+    monkeypatch.setattr(checkpoint_compat_hook, 'print_log',
                         lambda msg, **kw: lines.append(msg))
     return lines
 
@@ -384,11 +387,11 @@ def test_label_values_outside_the_class_range(capsys, tmp_path, data):
     (['model.backbone.mesa.groups=3'], 'groups=3 does not divide'),
     (['model.backbone.mesa.groups=2'],
      'groups=2 does not divide the 1 attention heads of '
-     'backbone.stages.0.blocks.0.attn.w_msa.'),
+     'stages.0.blocks.0.attn.w_msa'),
 ])
 def test_bad_mesa_options(capsys, tmp_path, demo_root, options, expected):
     err = _train_fails(capsys, tmp_path, demo_root, *MESA_OPTIONS, *options)
-    assert 'invalid model config' in err and expected in err
+    assert 'invalid model config (model.backbone)' in err and expected in err
 
 
 def test_crop_larger_than_the_pipeline_allows(capsys, tmp_path, demo_root):

@@ -1,20 +1,25 @@
 """End-to-end faults through tools/train.py on the tiny demo set: exact resume,
-a save killed half-way, a NaN that stops training, 50 bf16 AMP iterations."""
+a save killed half-way, a save that fails (disk full), a NaN that stops
+training, a data file that goes bad mid-run, resuming on another number of
+ranks, 50 bf16 AMP iterations. (Faults across 2 ranks: test_resilience_faults.py.)"""
+import errno
+import gc
 import glob
 import os
 import os.path as osp
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
 from mmengine.config import Config
 
-import mesa_seg  # noqa: F401
 import mesa_seg.mesa as mesa
-from mesa_seg.apis import run_train
+from mesa_seg.cli import run_train
 from mesa_seg.preflight import checkpoint_to_load
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -33,13 +38,12 @@ pytestmark = pytest.mark.slow
 def _one_thread_eager():
     """One thread (2-thread OpenMP is ~10x slower on a busy 2-core box),
     eager Mesa kernels, and the global flags training sets put back."""
-    threads, backend = torch.get_num_threads(), mesa.get_backend()
+    threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)
-    mesa.set_backend('eager')
-    yield
+    with mesa.use_backend('eager'):
+        yield
     torch.set_num_threads(threads)
-    mesa.set_backend(backend)
     torch.use_deterministic_algorithms(deterministic)
 
 
@@ -71,7 +75,6 @@ def test_resume_continues_exactly(tmp_path, data_options, monkeypatch):
     assert _train(whole, data_options, *opts) == 0
 
     run_iter = IterBasedTrainLoop.run_iter
-
     def crash_after_iteration_2(loop, data_batch):
         run_iter(loop, data_batch)  # trains, then saves iter_N.pth
         if loop.iter == 2:
@@ -108,7 +111,7 @@ KILL_DURING_SAVE = textwrap.dedent('''
     import torch
     torch.set_num_threads(1)
     import mesa_seg.mesa as mesa
-    from mesa_seg.apis import run_train
+    from mesa_seg.cli import run_train
     mesa.set_backend('eager')
     fsync = os.fsync
 
@@ -196,3 +199,161 @@ def test_bf16_amp_trains_mesa_50_iterations_without_nan(tmp_path, data_options):
     assert initialized and all(v.all() for v in initialized)
     shutil.rmtree(work_dir)
 
+
+
+# ---- disk faults: a failed save keeps the previous checkpoint ----------------------
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, data_options,
+                                                   monkeypatch, capsys):
+    """max_keep_ckpts=1 and the disk fills up while iteration 2 is saved:
+    mmengine's CheckpointHook would have deleted iter_1.pth first."""
+    work_dir = tmp_path / 'wd'
+    work_dir.mkdir()
+    # left by a save that was killed in an earlier run: removed at the start
+    stale = work_dir / '.iter_7.pth.0123abcd.tmp'
+    stale.write_bytes(b'half a checkpoint')
+    fsync = os.fsync
+
+    def disk_full_at_iteration_2(fd):
+        if 'iter_2.pth' in os.readlink(f'/proc/self/fd/{fd}'):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(os, 'fsync', disk_full_at_iteration_2)
+    rc = _train(work_dir, data_options, 'train_cfg.max_iters=3', *NO_VAL,
+                'default_hooks.checkpoint.max_keep_ckpts=1')
+    monkeypatch.setattr(os, 'fsync', fsync)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 4 and len(err) == 1, err
+    assert err[0].split(': error: ', 1)[1] == (
+        f'cannot write checkpoint {work_dir}/iter_2.pth (No space left on '
+        'device, ENOSPC) at iteration 2; training stopped, the previous '
+        f'checkpoint {work_dir}/iter_1.pth is intact. Free space or fix the '
+        'disk, then continue with --resume')
+    files = sorted(f for f in os.listdir(work_dir) if not f[0].isdigit())
+    assert files == ['iter_1.pth', 'last_checkpoint', 'tiny_upernet_swin.py']
+    assert (work_dir / 'last_checkpoint').read_text() == \
+        str(work_dir / 'iter_1.pth')
+    assert _load(work_dir / 'iter_1.pth')['meta']['iter'] == 1
+    log = open(glob.glob(str(work_dir / '2*' / '*.log'))[0]).read()
+    assert f'removed {stale}: the incomplete write of iter_7.pth by a ' \
+        'process that was killed while saving; iter_7.pth was never ' \
+        'completed' in log
+    # ... and it resumes from there
+    assert _train(work_dir, data_options, 'train_cfg.max_iters=2', *NO_VAL,
+                  args=['--resume']) == 0
+    assert _load(work_dir / 'iter_2.pth')['meta']['iter'] == 2
+
+
+# ---- a data file that goes bad mid-training --------------------------------------
+def _break(root, fault):
+    if fault == 'garbage':  # an annotation overwritten with something else
+        for ann in (root / 'annotations' / 'training').iterdir():
+            ann.write_bytes(b'\x89PNG but not really' * 10)
+        return
+    for img in (root / 'images' / 'training').iterdir():
+        if fault == 'deleted':
+            img.unlink()
+        else:  # truncated: the copy was interrupted
+            img.write_bytes(img.read_bytes()[:300])
+
+
+@pytest.mark.parametrize('fault, problem', [
+    ('deleted', r'images/training/ADE_train_\d+\.jpg is missing'),
+    ('truncated', r'images/training/ADE_train_\d+\.jpg does not decode '),
+    ('garbage', r'annotations/training/ADE_train_\d+\.png does not decode '),
+])
+def test_data_file_going_bad_mid_training(tmp_path, demo_root, monkeypatch,
+                                          capsys, fault, problem):
+    import multiprocessing
+    from mmengine.runner import IterBasedTrainLoop
+    root = tmp_path / 'ade'
+    shutil.copytree(demo_root, root)
+    run_iter = IterBasedTrainLoop.run_iter
+    broken = []
+
+    def break_before_iteration_1(loop, data_batch):
+        if loop.iter == 0:
+            _break(root, fault)
+            broken.append(time.time())
+        run_iter(loop, data_batch)
+
+    monkeypatch.setattr(IterBasedTrainLoop, 'run_iter',
+                        break_before_iteration_1)
+    work_dir = tmp_path / 'wd'
+    data = [f'{k}.dataset.data_root={root}'
+            for k in ('train_dataloader', 'val_dataloader', 'test_dataloader')]
+    rc = _train(work_dir, data, 'train_cfg.max_iters=5', *NO_VAL,
+                'train_dataloader.num_workers=1')
+    stopped = time.time() - broken[0]
+    err = capsys.readouterr().err.strip().splitlines()
+    with capsys.disabled():
+        print(f'{fault}: stopped {stopped:.1f} s after the files broke')
+    assert rc == 1 and len(err) == 1, err
+    # when the files broke, batch 1 was taken and batches 2 and 3 requested
+    # (the loader keeps two per worker in flight): the first broken batch is
+    # that of iteration 4 (3 if the worker was slow to load)
+    match = re.match(rf'iteration (\d): data file {root}/{problem}',
+                     err[0].split(': error: ', 1)[1])
+    assert match and match.group(1) in '34', err[0]
+    last = int(match.group(1)) - 1
+    assert err[0].endswith(
+        f'training stopped, the last checkpoint, {work_dir}/iter_{last}.pth, '
+        'is intact: restore the file (or remove the sample) and continue '
+        'with --resume')
+    assert _load(work_dir / f'iter_{last}.pth')['meta']['iter'] == last
+    assert not (work_dir / f'iter_{last + 1}.pth').exists()
+    # the dataloader worker is gone, not left hanging
+    deadline = time.time() + 30
+    while multiprocessing.active_children() and time.time() < deadline:
+        gc.collect()
+        time.sleep(0.2)
+    assert not multiprocessing.active_children()
+
+
+# ---- resuming on another number of ranks -----------------------------------------
+def test_resume_on_another_world_size_is_refused_unless_allowed(
+        tmp_path, data_options, monkeypatch, capsys):
+    work_dir = tmp_path / 'wd'
+    assert _train(work_dir, data_options, 'train_cfg.max_iters=1',
+                  *NO_VAL) == 0
+    ckpt_path = work_dir / 'iter_1.pth'
+    ckpt = _load(ckpt_path)
+    assert ckpt['meta']['world_size'] == 1 and 'rank_states' not in ckpt
+    files = sorted(os.listdir(work_dir))
+
+    # 1 rank -> 2 ranks: refused before the process group exists
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.setenv('RANK', '0')
+    rc = _train(work_dir, data_options, 'train_cfg.max_iters=2', *NO_VAL,
+                args=['--resume', '--launcher', 'pytorch'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].split(': error: ', 1)[1] == (
+        f'{ckpt_path} was trained on 1 rank, this run has '
+        '2: the global batch, the data order and the per-rank state (RNG, '
+        'running statistics) would change, so --resume would not continue '
+        'the same run. Resume on 1 rank, or continue anyway (not equivalent '
+        'to the uninterrupted run; the learning rate is not rescaled) with '
+        '--cfg-options default_hooks.checkpoint.allow_world_size_change=True')
+    monkeypatch.delenv('WORLD_SIZE')
+    monkeypatch.delenv('RANK')
+
+    # 2 ranks -> 1: the checkpoint as a 2-rank run writes it
+    ckpt['meta']['world_size'] = 2
+    ckpt['rank_states'] = [dict(buffers={}, random_state=ckpt['random_state'])
+                           ] * 2
+    torch.save(ckpt, ckpt_path)
+    rc = _train(work_dir, data_options, 'train_cfg.max_iters=2', *NO_VAL,
+                args=['--resume'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert 'iter_1.pth was trained on 2 ranks, this run has 1' in err[0]
+    assert sorted(os.listdir(work_dir)) == files  # nothing written
+
+    assert _train(work_dir, data_options, 'train_cfg.max_iters=2', *NO_VAL,
+                  'default_hooks.checkpoint.allow_world_size_change=True',
+                  args=['--resume']) == 0
+    log = open(sorted(glob.glob(str(work_dir / '2*' / '*.log')))[-1]).read()
+    assert 'resuming a checkpoint of 2 ranks on 1 (allow_world_size_change):' \
+        ' not equivalent to the uninterrupted run' in log
+    assert _load(work_dir / 'iter_2.pth')['meta']['iter'] == 2

@@ -1,18 +1,17 @@
-"""tools/: bad input fails cleanly; real training, resume, test, AMP, a
-2-process gloo launch and mmseg's own train script on tiny demo data."""
+"""tools/: bad input fails cleanly; real training, resume, test, AMP and
+mmseg's own train script on tiny demo data; slurm_train.sh's requeue. (The
+2-process gloo launch through dist_train.sh: test_resilience_faults.py.)"""
 import glob
 import json
 import os
 import os.path as osp
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-import mesa_seg  # noqa: F401
-from mesa_seg.apis import run_test, run_train
+from mesa_seg.cli import run_test, run_train
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY = osp.join(REPO, 'tests', 'data', 'tiny_upernet_swin.py')
@@ -169,31 +168,6 @@ def test_amp_on_cpu_trains_in_bf16(tmp_path, data_options):
     assert (wd / 'iter_1.pth').is_file()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_dist_train_two_processes(tmp_path, data_options):
-    wd = tmp_path / 'dist'
-    env = dict(os.environ, PORT=str(_free_port()), PYTHON=sys.executable)
-    done = subprocess.run(
-        [osp.join(REPO, 'tools', 'dist_train.sh'), TINY, '2', '--work-dir',
-         str(wd), '--cfg-options', *data_options],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    log = open(glob.glob(str(wd / '2*' / '*.log'))[0]).read()
-    assert 'Distributed training: True' in log
-    assert 'GPU number: 2' in log  # mmengine's name for the world size
-    assert (wd / 'iter_2.pth').is_file()
-    assert [r['iter'] for r in _scalars(wd) if 'loss' in r] == [1, 2]
-
-
 @pytest.mark.slow
 def test_mmseg_own_train_script_needs_only_custom_imports(
         tmp_path, data_options):
@@ -212,3 +186,35 @@ def test_mmseg_own_train_script_needs_only_custom_imports(
         timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (wd / 'iter_1.pth').is_file()
+
+
+# ---- slurm_train.sh: requeue after a preemption ------------------------------
+FAKE = """#!/usr/bin/env bash
+echo "$(basename "$0") $*" >> "$FAKE_LOG"
+[ "$(basename "$0")" = srun ] && exit "${FAKE_RC:-0}"
+exit 0
+"""
+
+
+@pytest.mark.parametrize('requeue, rc, requeued', [
+    ('1', 75, True), ('1', 3, False), ('1', 0, False), ('0', 75, False)])
+def test_slurm_train_requeues_a_preempted_job(tmp_path, requeue, rc, requeued):
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    for name in ('srun', 'scontrol'):
+        (bin_dir / name).write_text(FAKE)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / 'calls'
+    env = dict(os.environ, PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}',
+               FAKE_LOG=str(log), FAKE_RC=str(rc), REQUEUE=requeue,
+               SLURM_JOB_ID='4242', GPUS='2', GPUS_PER_NODE='2')
+    done = subprocess.run(
+        [osp.join(REPO, 'tools', 'slurm_train.sh'), 'part', 'job', TINY,
+         '--resume'], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == rc
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith('srun -p part --job-name=job --gres=gpu:2 '
+                               '--ntasks=2 ')
+    assert calls[0].endswith(f'tools/train.py {TINY} --launcher slurm --resume')
+    assert calls[1:] == (['scontrol requeue 4242'] if requeued else [])
+    assert ('requeueing job 4242' in done.stderr) == requeued

@@ -4,6 +4,16 @@
 # NPROC processes per node: one per GPU, or CPU processes on a machine
 # without CUDA (gloo is picked automatically). Multi-node: set NNODES,
 # NODE_RANK, MASTER_ADDR and PORT. PYTHON defaults to the repo's .venv.
+#
+# Faults: torchrun exits with 1 whenever a worker fails; its summary names
+# each rank with its exit code (tools/train.py: 1 NaN/Inf loss or a data file
+# that stopped loading, 2 bad input, 3 lost another rank, 4 a checkpoint could
+# not be written, 75 stopped on SIGTERM after saving the iteration) and the
+# root cause (e.g. "exitcode: -9 (SIGKILL)" for a killed rank). A SIGTERM to
+# torchrun reaches every worker, which saves and stops (resume with
+# --resume); torchrun SIGKILLs workers still running after
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30): raise it if saving a
+# checkpoint takes longer.
 set -euo pipefail
 if [ $# -lt 2 ]; then
     echo "usage: $0 CONFIG NPROC [train.py args...]" >&2

@@ -4,11 +4,12 @@
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out DIR]
         [--cfg-options KEY=VALUE ...] [--launcher none|pytorch|slurm]
 
-Logic in :func:`mesa_seg.apis.run_test`.
+Logic in :func:`mesa_seg.cli.run_test`, which first registers mesa-seg's models
+and hooks (:func:`mesa_seg.register_all_modules`).
 """
 import sys
 
-from mesa_seg.apis import run_test
+from mesa_seg.cli import run_test
 
 if __name__ == '__main__':
     sys.exit(run_test())

@@ -4,11 +4,12 @@
     python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
         [--cfg-options KEY=VALUE ...] [--launcher none|pytorch|slurm]
 
-Logic in :func:`mesa_seg.apis.run_train`.
+Logic in :func:`mesa_seg.cli.run_train`, which first registers mesa-seg's models
+and hooks (:func:`mesa_seg.register_all_modules`).
 """
 import sys
 
-from mesa_seg.apis import run_train
+from mesa_seg.cli import run_train
 
 if __name__ == '__main__':
     sys.exit(run_train())

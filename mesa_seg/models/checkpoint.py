@@ -1,17 +1,27 @@
-"""Pure state-dict conversions between checkpoint layouts.
+"""Pure state-dict logic: conversions between checkpoint layouts, and
+whether a checkpoint fits a model.
 
-Functions here take and return plain ``{key: tensor}`` mappings: no file I/O, no
-models, no logging, so they are shared by the backbones' ``init_weights`` and the
-offline converters in ``tools/model_converters/`` and are easy to test.
+No file I/O and no logging, so the functions are shared by the backbones'
+``init_weights``, the offline converters in ``tools/model_converters/``, the
+pre-training check (:func:`mesa_seg.preflight.check_checkpoint`) and the
+Runner's hook (:class:`mesa_seg.hooks.CheckpointCompatHook`), and are easy to
+test. The conversions take and return plain ``{key: tensor}`` mappings;
+:func:`match_state_dict` reads a model's ``state_dict`` keys and shapes.
 """
 import math
 import re
 from collections import OrderedDict
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
+from torch import nn
+
+from ..errors import CheckpointMismatchError
+from ..mesa import QUANTIZER_ATTRS, RunningRange
 
 StateDict = Dict[str, torch.Tensor]
+
+_MAX_LISTED = 20  # keys listed in one error message
 
 # Keys of the official ImageNet classification checkpoints that a dense
 # prediction backbone has no use for: the classifier, PVT v1's class token and the final
@@ -127,3 +137,94 @@ def timm_pvt_v2_to_official(
 
 def _is_square(n: int) -> bool:
     return n > 0 and math.isqrt(n)**2 == n
+
+
+# ---------------------------------------------------- checkpoint matching
+def _is_quantizer_key(key: str) -> bool:
+    """Whether ``key`` names a buffer of a Mesa quantizer (``<layer>.quantizer.
+    running_min`` ...). Such buffers carry no weights; a layer the model runs
+    in full precision (or functionally, like an attention matmul) ignores them.
+    """
+    parts = key.split('.')
+    return len(parts) >= 3 and parts[-2] in QUANTIZER_ATTRS
+
+
+def _quantizer_keys(model: nn.Module) -> set:
+    return {
+        f'{name}.{buf}' if name else buf
+        for name, module in model.named_modules()
+        if isinstance(module, RunningRange) for buf in module._buffers
+    }
+
+
+def _listing(what: str, keys: Sequence[str]) -> str:
+    shown = ', '.join(keys[:_MAX_LISTED])
+    more = f' ... and {len(keys) - _MAX_LISTED} more' \
+        if len(keys) > _MAX_LISTED else ''
+    return f'{len(keys)} {what}: {shown}{more}'
+
+
+def match_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    revise_keys: Sequence[Tuple[str, str]] = ((r'^module\.', ''), )
+) -> Tuple[List[str], List[str]]:
+    """Check that ``state_dict`` fits ``model`` up to Mesa's quantizer buffers.
+
+    Allowed: missing quantizer buffers (a full-precision checkpoint loaded
+    into a Mesa model: they initialise from the first training batch), extra
+    quantizer buffers (a Mesa checkpoint loaded into a model without Mesa on
+    those layers), missing BatchNorm ``num_batches_tracked`` (ignored by
+    mmengine too).
+
+    Args:
+        model (nn.Module): The model (unwrapped from DDP).
+        state_dict (Mapping): Checkpoint weights, keys as stored.
+        revise_keys (Sequence[tuple[str, str]]): ``re.sub`` pairs applied to
+            the stored keys before matching, as mmengine's loader does.
+            Default: strip ``module.``.
+
+    Returns:
+        tuple[list[str], list[str]]: Extra quantizer keys *as stored* (to be
+        dropped before loading) and the model's quantizer buffers the
+        checkpoint lacks.
+
+    Raises:
+        CheckpointMismatchError: On any other missing or unexpected key or a
+            shape mismatch; the message lists the keys.
+    """
+    revised: Dict[str, str] = {}
+    for key in state_dict:
+        new = key
+        for pattern, repl in revise_keys:
+            new = re.sub(pattern, repl, new)
+        revised[new] = key
+    expected = model.state_dict()
+    quantizer_keys = _quantizer_keys(model)
+    missing = [
+        k for k in expected if k not in revised and k not in quantizer_keys
+        and not k.endswith('num_batches_tracked')
+    ]
+    extra, unexpected = [], []
+    for key in revised:
+        if key not in expected:
+            (extra if _is_quantizer_key(key) else unexpected).append(key)
+    shapes = [
+        f'{k} {tuple(state_dict[revised[k]].shape)} vs model '
+        f'{tuple(expected[k].shape)}' for k in revised
+        if k in expected and hasattr(state_dict[revised[k]], 'shape')
+        and tuple(state_dict[revised[k]].shape) != tuple(expected[k].shape)
+    ]
+    problems = [
+        _listing(what, keys)
+        for what, keys in (('missing keys', missing),
+                           ('unexpected keys', unexpected),
+                           ('shape mismatches (checkpoint vs model)', shapes))
+        if keys
+    ]
+    if problems:
+        raise CheckpointMismatchError(
+            'checkpoint does not fit the model (is it from another '
+            'architecture or config?): ' + '; '.join(problems))
+    absent = sorted(quantizer_keys - set(revised))
+    return [revised[k] for k in extra], absent

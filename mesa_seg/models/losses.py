@@ -112,8 +112,20 @@ def resize_cross_entropy(logits: torch.Tensor, label: torch.Tensor, align_corner
 
 
 def fused_loss_supported(head) -> Optional[str]:
-    """None if ``head``'s losses can use :func:`resize_cross_entropy`, else why not."""
+    """None if ``head``'s losses can use :func:`resize_cross_entropy`, else why not.
+
+    Only heads that compute their loss on mmseg's stock path qualify:
+    ``BaseDecodeHead.loss`` calling ``BaseDecodeHead.loss_by_feat``. Heads that
+    define their own (EncHead's SE loss, DAHead's three PAM/CAM losses,
+    STDCHead's boundary loss, PointHead's point losses) keep it.
+    """
+    from mmseg.models.decode_heads.decode_head import BaseDecodeHead
     from mmseg.models.losses import CrossEntropyLoss
+    cls = type(head)
+    for name in ('loss_by_feat', 'loss'):
+        if getattr(cls, name, None) is not getattr(BaseDecodeHead, name):
+            owner = next(c for c in cls.__mro__ if name in vars(c))
+            return f'{owner.__name__} defines its own {name}'
     losses = head.loss_decode if isinstance(head.loss_decode, torch.nn.ModuleList) \
         else [head.loss_decode]
     if head.sampler is not None:

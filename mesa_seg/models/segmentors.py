@@ -5,22 +5,39 @@ The backbone carries its own ``mesa`` policy (``MesaSwinTransformer``,
 it — neck, decode head, auxiliary heads (their Conv2d/BN/ReLU hold about as
 much activation memory as a Swin-T backbone) — and, with ``fused_loss``,
 computes the losses with the exact low-memory :func:`resize_cross_entropy`.
+
+``backbone_mesa`` puts Mesa on any other mmseg backbone from the config, with
+no class to write: the built backbone's torch layers are converted in place
+(:func:`apply_backbone_mesa_`), so its ``state_dict`` keys, ``init_cfg`` and
+checkpoints are unchanged. What it cannot see: operations a backbone calls as
+functions (``q @ k.transpose(...)``, ``F.softmax``, ``F.gelu``, ``F.interpolate``
+inside ``forward``) are not modules, so they keep saving full-precision
+tensors; ``mesa_seg.mesa.audit_saved_tensors`` + ``format_audit`` list them.
+Backbones with a Mesa class (``MesaSwinTransformer``, ``MesaMixVisionTransformer``,
+``MesaVisionTransformer``, ``MesaPVT``...) replace those functional ops and
+should be preferred.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional, Union
 
+import torch
 import torch.distributed as dist
-from mmengine.logging import print_log
+from mmengine.logging import MessageHub, print_log
 from mmseg.models.segmentors import EncoderDecoder
 from mmseg.registry import MODELS
 from torch import nn
 
-from ..mesa import MesaPolicy, mesafy_
-from ..resilience import check_finite_loss
+from ..distributed import dist_info, ranks_with
+from ..errors import NonFiniteLossError
+from ..mesa import MesaModule, MesaPolicy, mesafy_
 from .losses import FusedLossHeadMixin, fused_loss_supported
+from .torch_layers import mmcv_to_torch_layers_
 
-__all__ = ['MesaEncoderDecoder', 'HEAD_MESA_DEFAULTS']
+__all__ = [
+    'MesaEncoderDecoder', 'HEAD_MESA_DEFAULTS', 'check_finite_loss',
+    'convert_sync_bn_to_bn2d', 'apply_backbone_mesa_'
+]
 
 # Conv heads: per-channel ranges (BatchNorm's per-channel statistics over few
 # pixels, e.g. pooled 1x1 maps, need them), widened to cover each batch: heads
@@ -42,10 +59,12 @@ def _with_fused_loss(head: nn.Module) -> None:
     head.__class__ = _FUSED_CLASSES[cls]
 
 
-def _sync_bn_to_bn(module: nn.Module) -> nn.Module:
-    """``SyncBatchNorm`` -> ``BatchNorm2d`` (same state), so single-process runs of
-    SyncBN configs get Mesa BN; mmengine would revert it to an uncompressed
-    ``_BatchNormXd`` only after the model is built."""
+def convert_sync_bn_to_bn2d(module: nn.Module) -> nn.Module:
+    """Replace the built ``SyncBatchNorm`` modules in ``module`` by
+    ``BatchNorm2d`` (same state), in place, so single-process runs of SyncBN
+    configs get Mesa BN; mmengine would revert them to an uncompressed
+    ``_BatchNormXd`` only after the model is built. (For a config dict, see
+    :func:`mesa_seg.compat.sync_bn_cfg_to_bn`.)"""
     for name, child in module.named_children():
         if isinstance(child, nn.SyncBatchNorm):
             bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
@@ -54,8 +73,74 @@ def _sync_bn_to_bn(module: nn.Module) -> nn.Module:
             bn.train(child.training)
             setattr(module, name, bn)
         else:
-            _sync_bn_to_bn(child)
+            convert_sync_bn_to_bn2d(child)
     return module
+
+
+def apply_backbone_mesa_(backbone: nn.Module, policy: MesaPolicy,
+                         convert_sync_bn: bool = True) -> nn.Module:
+    """Put Mesa on a built backbone made of torch layers, in place.
+
+    mmcv's layer wrappers get their torch classes back
+    (:func:`~mesa_seg.models.torch_layers.mmcv_to_torch_layers_`),
+    ``SyncBatchNorm`` becomes ``BatchNorm2d`` when ``convert_sync_bn`` (single
+    process), then :func:`mesafy_` converts what ``policy`` selects.
+    Parameters are shared and module names kept, so ``state_dict`` keys do not
+    change. torch's RNG is left as it was: ``init_weights()`` draws the weights
+    the plain backbone would.
+
+    Raises:
+        ValueError: ``backbone`` already has Mesa layers (a Mesa backbone
+            class takes its policy through its own ``mesa`` argument).
+    """
+    if not policy.enabled:
+        return backbone
+    if any(isinstance(m, MesaModule) for m in backbone.modules()):
+        raise ValueError(f'backbone_mesa: {type(backbone).__name__} already has Mesa '
+                         'layers; set its policy with its own `mesa` argument')
+    mmcv_to_torch_layers_(backbone)
+    if convert_sync_bn:
+        convert_sync_bn_to_bn2d(backbone)
+    with torch.random.fork_rng(devices=[]):
+        return mesafy_(backbone, policy)
+
+
+def check_finite_loss(loss: torch.Tensor,
+                      log_vars: Mapping[str, Union[torch.Tensor, float]]
+                      ) -> None:
+    """Raise :class:`~mesa_seg.errors.NonFiniteLossError` if ``loss`` is NaN/Inf.
+
+    Called on the parsed loss, before backward: the optimizer never steps a
+    NaN into the weights, and the last checkpoint stays usable. Costs one
+    host synchronisation per iteration (mmengine's logging takes one anyway).
+    In a distributed run every rank calls it at the same point and the ranks
+    exchange one flag each (:func:`mesa_seg.distributed.ranks_with`, one
+    all-reduce of ``world_size`` int32s), so a NaN on one rank stops all of
+    them before the optimizer step, each naming the rank(s) that saw it.
+    """
+    bad_ranks = ranks_with(~torch.isfinite(loss.detach()).all())
+    if not bad_ranks:
+        return
+    rank, world_size = dist_info()
+    it = MessageHub.get_current_instance().get_info('iter')
+    where = f' at iteration {it + 1}' if it is not None else ''
+    if world_size > 1:
+        where += (f' on rank{"s" if len(bad_ranks) > 1 else ""} '
+                  f'{", ".join(map(str, bad_ranks))} of {world_size}')
+    if rank in bad_ranks:
+        terms = ', '.join(f'{k}={float(torch.as_tensor(v).detach()):.4g}'
+                          for k, v in log_vars.items() if 'loss' in k)
+        where += f' ({terms})'
+    stopped = 'training stopped' if world_size == 1 else \
+        'training stopped on every rank'
+    raise NonFiniteLossError(
+        f'non-finite loss{where}; {stopped} before the '
+        'optimizer step: parameters, optimizer state and checkpoints are '
+        'intact. A NaN/Inf '
+        'reached the forward pass (input data, learning rate too high, AMP '
+        'overflow); Mesa keeps its running ranges unchanged on such batches '
+        '(mesa_seg/mesa/observer.py). Fix the cause and continue with '
+        '--resume.')
 
 
 @MODELS.register_module()
@@ -67,6 +152,15 @@ class MesaEncoderDecoder(EncoderDecoder):
             the neck, decode head and auxiliary heads; it updates
             ``HEAD_MESA_DEFAULTS``. None or ``enabled=False`` keeps them in full
             precision. Default: None.
+        backbone_mesa (dict, optional): Mesa policy for a backbone that has no
+            Mesa class (any mmseg backbone made of torch layers: ResNet,
+            MixVisionTransformer, ...), applied to the built backbone by
+            :func:`apply_backbone_mesa_` (a dict updates the ``MesaPolicy``
+            defaults: every layer type, groups='heads'; for conv backbones
+            ``groups='channels', widen_to_batch=True`` as for the heads suits
+            better). Layers the backbone calls as functions stay in full
+            precision (see the module docstring). None: the backbone is left
+            as built. Default: None.
         fused_loss (bool): compute plain cross-entropy losses with the exact
             fused resize + cross-entropy, which keeps only the low-resolution
             logits for backward. Heads with other losses keep mmseg's path (one
@@ -74,17 +168,21 @@ class MesaEncoderDecoder(EncoderDecoder):
         **kwargs: the arguments of ``EncoderDecoder``.
     """
 
-    def __init__(self, *args, mesa: Optional[dict] = None, fused_loss: bool = True, **kwargs):
+    def __init__(self, *args, mesa: Optional[dict] = None, fused_loss: bool = True,
+                 backbone_mesa: Optional[dict] = None, **kwargs):
         super().__init__(*args, **kwargs)
+        distributed = dist.is_available() and dist.is_initialized() \
+            and dist.get_world_size() > 1
+        if backbone_mesa is not None:
+            apply_backbone_mesa_(self.backbone, MesaPolicy.from_arg(backbone_mesa),
+                                 convert_sync_bn=not distributed)
         policy = MesaPolicy.from_arg(mesa, HEAD_MESA_DEFAULTS)
         parts = [getattr(self, name) for name in ('neck', 'decode_head', 'auxiliary_head')
                  if getattr(self, name, None) is not None]
         if policy.enabled:
-            distributed = dist.is_available() and dist.is_initialized() \
-                and dist.get_world_size() > 1
             for part in parts:
                 if not distributed:
-                    _sync_bn_to_bn(part)
+                    convert_sync_bn_to_bn2d(part)
                 mesafy_(part, policy)
             if distributed and any(isinstance(m, nn.SyncBatchNorm) for p in parts
                                    for m in p.modules()):
@@ -106,7 +204,7 @@ class MesaEncoderDecoder(EncoderDecoder):
 
     def parse_losses(self, losses):
         """mmengine's ``parse_losses``; a NaN/Inf loss stops training here,
-        before backward and the optimizer step (see ``mesa_seg.resilience``)."""
+        before backward and the optimizer step (:func:`check_finite_loss`)."""
         loss, log_vars = super().parse_losses(losses)
         check_finite_loss(loss, log_vars)
         return loss, log_vars

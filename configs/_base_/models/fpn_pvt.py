@@ -1,6 +1,6 @@
 # Semantic FPN (FPN neck, 256 channels + FPNHead, 128 channels) on PVT-Tiny,
 # the PVT paper's ADE20K model; SyncBN in the neck/head for GPUs (CPU runs use
-# BN, see mesa_seg.compat.sync_bn_to_bn). Other PVT / PVTv2 sizes change
+# BN, see mesa_seg.compat.sync_bn_cfg_to_bn). Other PVT / PVTv2 sizes change
 # backbone.type/arch and neck.in_channels.
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 data_preprocessor = dict(

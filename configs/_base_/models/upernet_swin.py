@@ -1,5 +1,5 @@
 # UperNet + Swin (mmseg's SwinTransformer); SyncBN in the heads for GPUs
-# (CPU runs use BN, see mesa_seg.compat.sync_bn_to_bn).
+# (CPU runs use BN, see mesa_seg.compat.sync_bn_cfg_to_bn).
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 backbone_norm_cfg = dict(type='LN', requires_grad=True)
 data_preprocessor = dict(

@@ -1,11 +1,11 @@
-"""mmengine hooks of mesa-seg (registered in mmengine's ``HOOKS``)."""
+"""PeakMemoryHook: peak memory in every training log line, on CPU too."""
 from typing import Optional
 
 from mmengine.device import is_cuda_available, is_musa_available
 from mmengine.hooks import Hook, LoggerHook
 from mmengine.registry import HOOKS
 
-from .memory.meters import peak_rss_bytes, reset_peak_rss, rss_bytes
+from ..memory.meters import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 __all__ = ['PeakMemoryHook']
 
@@ -24,8 +24,11 @@ class PeakMemoryHook(Hook):
     activations, Python and libraries (dataloader workers are separate
     processes). It reads one ``/proc`` file per log line and no profiler runs.
 
-    The hook logs on the iterations where the runner's ``LoggerHook`` writes a
-    line (its ``interval``, and the end of an epoch).
+    Fires ``before_train`` (first value, which fixes the field's place in the
+    line) and ``after_train_iter`` on the iterations where the runner's
+    ``LoggerHook`` writes a line (its ``interval``, and the end of an epoch).
+    Logs nothing of its own: it sets the ``train/memory`` scalar that the
+    LoggerHook prints.
     """
 
     priority = 'NORMAL'  # after_train_iter must run before LoggerHook's (BELOW_NORMAL)
