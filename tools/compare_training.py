@@ -4,10 +4,12 @@ mIoU side by side (``report.md``, ``report.json``, ``report.png``).
 
     python tools/compare_training.py [--baseline CONFIG] [--mesa CONFIG]
         [--data-root DIR] [--iters N] [--crop H W] [--batch B] [--seed S]
-        [--val-interval N] [--out DIR] [--cfg-options KEY=VALUE ...]
+        [--val-interval N] [--out DIR] [--own-init]
+        [--cfg-options KEY=VALUE ...]
 
 Defaults: the demo configs on data/demo_ade (written if missing), 200
-iterations, work_dirs/compare. Logic in :mod:`mesa_seg.compare`.
+iterations, work_dirs/compare, both runs from the baseline's initial
+weights. Logic in :mod:`mesa_seg.compare` (:mod:`mesa_seg.compare.cli`).
 """
 import sys
 
