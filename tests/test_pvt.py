@@ -1,6 +1,10 @@
-"""PVT v1 / PVTv2 backbones: timm equivalence, official keys, checkpoints, Mesa."""
+"""PVT v1 / PVTv2 backbones: timm equivalence, official keys, checkpoints, Mesa,
+activation checkpointing."""
 import re
 
+# First: importing backbone_utils registers mesa-seg before mmseg is imported.
+from backbone_utils import (cloned_state_dict, flat, fwd_bwd, fwd_bwd_saved,
+                            saved_bytes)
 import pytest
 import timm
 import torch
@@ -9,11 +13,14 @@ from mmseg.registry import MODELS
 from torch import nn
 from timm.models.pvt_v2 import checkpoint_filter_fn
 
-import mesa_seg.models.backbones.pvt as pvt_module
+import mesa_seg.models.backbones.pvt_base as pvt_base
+import mesa_seg.models.backbones.pvt_v2 as pvt_v2_module
 from mesa_seg.models.backbones import PVT, PVTv2, MesaPVT, MesaPVTv2
 from mesa_seg.mesa import MatMul
 from mesa_seg.models.checkpoint import (pvt_classification_to_backbone,
                                         timm_pvt_v2_to_official)
+# Eager Mesa kernels (autouse): the compiled ones are tested by the core's tests.
+from mesa_utils import eager_by_default  # noqa: F401
 
 # A two-block PVTv2 small enough for CPU tests, run through timm as well.
 SMALL_V2 = dict(
@@ -28,26 +35,6 @@ def _timm_pvt_v2(name, **kwargs):
     torch.manual_seed(0)
     return timm.create_model(name, pretrained=False, drop_path_rate=0.,
                              **kwargs)
-
-
-def _fwd_bwd(model, x, seed=1):
-    """Training forward + backward of a fixed random projection of all outputs."""
-    model.train()
-    model.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_(True)
-    torch.manual_seed(seed)  # same drop-path draws for every model
-    outs = model(x)
-    gen = torch.Generator().manual_seed(seed)
-    loss = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in outs)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()
-             if p.grad is not None}
-    grads['input'] = x.grad
-    return [o.detach() for o in outs], grads
-
-
-def _flat(grads):
-    return torch.cat([grads[k].double().flatten() for k in sorted(grads)])
 
 
 # --------------------------------------------------------------------------
@@ -85,7 +72,7 @@ def test_pvt_v2_gradients_match_timm():
         {k: v for k, v in timm_pvt_v2_to_official(ref.state_dict()).items()
          if not k.startswith('head.')})
     x = torch.randn(1, 3, 64, 64)
-    _, grads = _fwd_bwd(model, x)
+    _, grads = fwd_bwd(model, x)
 
     class Features(torch.nn.Module):  # timm model with our output signature
 
@@ -96,7 +83,7 @@ def test_pvt_v2_gradients_match_timm():
         def forward(self, x):
             return self.net.forward_intermediates(x, intermediates_only=True)
 
-    _, ref_grads = _fwd_bwd(Features(ref), x)
+    _, ref_grads = fwd_bwd(Features(ref), x)
     ref_grads = {k[len('net.'):] if k != 'input' else k: v
                  for k, v in ref_grads.items()}
     ref_grads = timm_pvt_v2_to_official(
@@ -248,8 +235,9 @@ def test_pvt_v1_pos_embed_interpolation():
 @pytest.fixture
 def logs(monkeypatch):
     messages = []
-    monkeypatch.setattr(pvt_module, 'print_log',
-                        lambda msg, *a, **k: messages.append(msg))
+    for module in (pvt_base, pvt_v2_module):
+        monkeypatch.setattr(module, 'print_log',
+                            lambda msg, *a, **k: messages.append(msg))
     return messages
 
 
@@ -376,26 +364,6 @@ def test_registry_builds_all():
 # --------------------------------------------------------------------------
 # Mesa
 # --------------------------------------------------------------------------
-def _saved_bytes(model, x):
-    """Bytes autograd keeps for backward: unique storages other than the
-    parameters and the input (both alive for the whole step anyway)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    params.add(x.untyped_storage().data_ptr())
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        outs = model(x)
-    sum(o.sum() for o in outs).backward()
-    return sum(storages.values())
-
-
 def _mesa_pair(cls, arch, **kwargs):
     torch.manual_seed(0)
     ref = cls(arch=arch, drop_path_rate=0., **kwargs)
@@ -411,14 +379,14 @@ def _mesa_pair(cls, arch, **kwargs):
 def test_mesa_exact_forward_close_gradients_less_memory(cls, arch):
     ref, model = _mesa_pair(cls, arch)
     x = torch.randn(1, 3, 64, 64)
-    outs_ref, grads_ref = _fwd_bwd(ref, x)
-    outs, grads = _fwd_bwd(model, x)
+    outs_ref, grads_ref = fwd_bwd(ref, x)
+    outs, grads = fwd_bwd(model, x)
     for o, o_ref in zip(outs, outs_ref):  # the forward pass is exact
         torch.testing.assert_close(o, o_ref, rtol=0, atol=0)
     assert grads.keys() == grads_ref.keys()
-    cosine = F.cosine_similarity(_flat(grads), _flat(grads_ref), dim=0)
+    cosine = F.cosine_similarity(flat(grads), flat(grads_ref), dim=0)
     assert cosine >= 0.995
-    ratio = _saved_bytes(model, x) / _saved_bytes(ref, x)
+    ratio = saved_bytes(model, x) / saved_bytes(ref, x)
     assert ratio < 0.3, ratio
 
 
@@ -441,8 +409,8 @@ def test_mesa_disabled_is_fp32():
         model = MesaPVT(arch='tiny', drop_path_rate=0., mesa=mesa)
         model.load_state_dict(ref.state_dict(), strict=False)
         x = torch.randn(1, 3, 64, 64)
-        outs_ref, grads_ref = _fwd_bwd(ref, x)
-        outs, grads = _fwd_bwd(model, x)
+        outs_ref, grads_ref = fwd_bwd(ref, x)
+        outs, grads = fwd_bwd(model, x)
         for o, o_ref in zip(outs, outs_ref):
             torch.testing.assert_close(o, o_ref, rtol=0, atol=0)
         for name, grad in grads.items():
@@ -474,6 +442,110 @@ def test_mesa_default_policy_and_overrides():
         MesaPVT(arch='tiny', mesa=dict(bitz=8))
     with pytest.raises(TypeError, match='mesa must be'):
         MesaPVT(arch='tiny', mesa='on')
+
+
+# --------------------------------------------------------------------------
+# Activation checkpointing (with_cp)
+# --------------------------------------------------------------------------
+# Two blocks in stage 1, one elsewhere; dropout, attention dropout and drop path
+# all on, so the recomputation must replay the forward's random draws.
+CP_ARCH = dict(
+    embed_dims=[16, 32, 40, 64],
+    depths=[2, 1, 1, 1],
+    num_heads=[1, 2, 5, 8],
+    mlp_ratios=[4, 4, 4, 4],
+    sr_ratios=[8, 4, 2, 1])
+CP_DROPS = dict(drop_rate=0.1, attn_drop_rate=0.1, drop_path_rate=0.3)
+MESA_CLASSES = (MesaPVT, MesaPVTv2)
+
+
+def _build_cp(cls, with_cp, arch=CP_ARCH):
+    torch.manual_seed(0)
+    mesa = dict(mesa=dict()) if cls in MESA_CLASSES else {}
+    return cls(arch=arch, with_cp=with_cp, **CP_DROPS, **mesa)
+
+
+@pytest.mark.parametrize('cls, arch', [
+    (PVT, CP_ARCH), (PVTv2, CP_ARCH), (PVTv2, dict(CP_ARCH, linear=True)),
+    (MesaPVT, CP_ARCH), (MesaPVTv2, CP_ARCH)])
+def test_with_cp_exact_and_saves_memory(cls, arch):
+    """True and 'selective' give the outputs and gradients of False, bit for
+    bit, in training mode with every kind of dropout; under Mesa they also
+    leave the running ranges and rounding steps as one step without
+    checkpointing does (the recomputation replays the forward's quantization)."""
+    x = torch.randn(1, 3, 64, 64)
+    ref = _build_cp(cls, False, arch)
+    state = cloned_state_dict(ref)
+    outs_ref, grads_ref, nbytes_ref = fwd_bwd_saved(ref, x)
+    state_ref = cloned_state_dict(ref)
+    nbytes = {False: nbytes_ref}
+    for mode in (True, 'selective'):
+        model = _build_cp(cls, mode, arch)
+        model.load_state_dict(state)
+        outs, grads, nbytes[mode] = fwd_bwd_saved(model, x)
+        for o, o_ref in zip(outs, outs_ref):
+            assert torch.equal(o, o_ref), mode
+        assert grads.keys() == grads_ref.keys()
+        for name, grad in grads.items():
+            assert torch.equal(grad, grads_ref[name]), (mode, name)
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, state_ref[key]), (mode, key)
+    assert nbytes[True] < nbytes['selective'], nbytes
+    if cls in MESA_CLASSES:
+        # Selective checkpointing keeps FP32 matmul outputs, which can outweigh
+        # Mesa's 8-bit copies of everything: only True is sure to save here.
+        assert nbytes[True] < nbytes[False], nbytes
+    else:
+        assert nbytes['selective'] < nbytes[False], nbytes
+
+
+@pytest.mark.parametrize('mode', [True, 'selective'])
+def test_with_cp_frozen_stages_and_eval(mode):
+    """Blocks whose input needs no gradient (frozen stage 1) run plainly; eval
+    and no_grad forwards are unaffected."""
+    x = torch.randn(1, 3, 64, 64)
+    torch.manual_seed(0)
+    ref = PVTv2(arch=CP_ARCH, frozen_stages=0, **CP_DROPS)
+    model = PVTv2(arch=CP_ARCH, frozen_stages=0, with_cp=mode, **CP_DROPS)
+    model.load_state_dict(ref.state_dict())
+    outs_ref, grads_ref = fwd_bwd(ref, x)
+    outs, grads = fwd_bwd(model, x)
+    assert 'block1.0.attn.q.weight' not in grads
+    for o, o_ref in zip(outs, outs_ref):
+        assert torch.equal(o, o_ref)
+    for name, grad in grads.items():
+        assert torch.equal(grad, grads_ref[name]), name
+    with torch.no_grad():
+        for o, o_ref in zip(model.eval()(x), ref.eval()(x)):
+            assert torch.equal(o, o_ref)
+
+
+def test_selective_policy_saves_matmul_and_conv_outputs():
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from mesa_seg.models.activation_checkpoint import \
+        selective_checkpoint_policy
+    aten = torch.ops.aten
+    for op in (aten.mm.default, aten.addmm.default, aten.bmm.default,
+               aten.baddbmm.default, aten.convolution.default):
+        assert selective_checkpoint_policy(None, op) is CheckpointPolicy.MUST_SAVE
+    for op in (aten.gelu.default, aten.native_layer_norm.default,
+               aten._softmax.default, aten.native_dropout.default,
+               aten.add.Tensor, aten.amin.default):
+        assert selective_checkpoint_policy(
+            None, op) is CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@pytest.mark.parametrize('cls', [PVT, PVTv2, MesaPVT, MesaPVTv2])
+def test_with_cp_values(cls):
+    model = MODELS.build(dict(type=cls.__name__, arch=CP_ARCH,
+                              with_cp='selective'))
+    assert model.with_cp == 'selective'
+    assert all(block.with_cp == 'selective'
+               for i in range(1, 5) for block in getattr(model, f'block{i}'))
+    for bad in ('full', 'Selective', 1, None):
+        with pytest.raises(ValueError, match="with_cp must be False, True"):
+            cls(arch=CP_ARCH, with_cp=bad)
 
 
 @pytest.mark.parametrize('suffix', ['.pth', '.safetensors'])

@@ -1,14 +1,16 @@
-"""MesaSwinTransformer: mmseg equivalence, checkpoints, Mesa memory and gradients."""
+"""MesaSwinTransformer: mmseg equivalence, checkpoints, Mesa memory and gradients,
+activation checkpointing."""
+# First: importing backbone_utils registers mesa-seg before mmseg is imported.
+from backbone_utils import cloned_state_dict, fwd_bwd, fwd_bwd_saved
 import pytest
 import torch
-
-import mesa_seg  # noqa: F401  (compat fixes must run before mmseg imports)
 from mmseg.models.backbones import SwinTransformer
 from mmseg.registry import MODELS
 
 from mesa_seg.mesa import (ActivationQuantizer, MesaLayerNorm, MesaLinear, MesaModule,
                            audit_saved_tensors, set_mesa_enabled)
-from mesa_seg.models.backbones.swin import MesaSwinTransformer, MesaWindowMSA
+from mesa_seg.models.backbones.swin import (CheckpointSwinBlock,
+                                            MesaSwinTransformer, MesaWindowMSA)
 # Eager Mesa kernels (autouse): the compiled ones are tested by the core's tests.
 from mesa_utils import eager_by_default  # noqa: F401
 
@@ -48,27 +50,12 @@ def _cosine(grads, grads_ref):
     return torch.nn.functional.cosine_similarity(a, b, dim=0).item()
 
 
-def _fwd_bwd(model, x, seed=1):
-    """Training forward + backward of a fixed random projection of all outputs."""
-    model.train()
-    model.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_(True)
-    torch.manual_seed(seed)  # same drop-path draws for every model
-    outs = model(x)
-    gen = torch.Generator().manual_seed(seed)
-    loss = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in outs)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    grads['input'] = x.grad
-    return [o.detach() for o in outs], grads
-
-
 @pytest.mark.parametrize('hw', [(64, 64), (112, 137)])
 def test_fp32_matches_mmseg(hw):
     ref, model = _build_pair(drop_path_rate=0.3)
     x = torch.randn(2, 3, *hw)
-    outs_ref, grads_ref = _fwd_bwd(ref, x)
-    outs, grads = _fwd_bwd(model, x)
+    outs_ref, grads_ref = fwd_bwd(ref, x)
+    outs, grads = fwd_bwd(model, x)
     assert [o.shape for o in outs] == [o.shape for o in outs_ref]
     for o, o_ref in zip(outs, outs_ref):
         torch.testing.assert_close(o, o_ref, rtol=0, atol=0)
@@ -101,15 +88,91 @@ def test_window_attention_uses_matmul_modules():
                 w_msa.named_children()).keys()
 
 
+# Dropout, attention dropout and drop path: checkpointing must replay the draws.
+CP_DROPS = dict(drop_rate=0.1, attn_drop_rate=0.1, drop_path_rate=0.3)
+
+
+@pytest.mark.filterwarnings('ignore:torch.utils.checkpoint')  # mmseg's call
 def test_with_cp_matches_mmseg():
-    ref, model = _build_pair(with_cp=True, drop_path_rate=0.3)
+    """with_cp=True: our blocks run torch's non-reentrant checkpoint, mmseg's
+    the reentrant one; outputs and gradients are the same, bit for bit."""
+    ref, model = _build_pair(with_cp=True, **CP_DROPS)
+    assert all(type(block) is CheckpointSwinBlock
+               for stage in model.stages for block in stage.blocks)
     x = torch.randn(1, 3, 64, 64)
-    outs_ref, grads_ref = _fwd_bwd(ref, x)
-    outs, grads = _fwd_bwd(model, x)
+    outs_ref, grads_ref = fwd_bwd(ref, x)
+    outs, grads = fwd_bwd(model, x)
     for o, o_ref in zip(outs, outs_ref):
-        torch.testing.assert_close(o, o_ref, rtol=0, atol=0)
+        assert torch.equal(o, o_ref)
+    assert grads.keys() == grads_ref.keys()
     for name, g in grads.items():
-        torch.testing.assert_close(g, grads_ref[name], msg=name)
+        assert torch.equal(g, grads_ref[name]), name
+
+
+@pytest.mark.parametrize('mesa', [None, dict()], ids=['fp32', 'mesa'])
+def test_with_cp_exact_and_saves_memory(mesa):
+    """True and 'selective' give the outputs and gradients of False, bit for
+    bit, in training mode with every kind of dropout; under Mesa they also
+    leave the running ranges and rounding steps as one step without
+    checkpointing does (the recomputation replays the forward's quantization)."""
+    x = torch.randn(1, 3, 64, 64)
+
+    def build(with_cp):
+        torch.manual_seed(0)
+        return MesaSwinTransformer(**{**TINY, **CP_DROPS}, with_cp=with_cp,
+                                   mesa=mesa)
+
+    ref = build(False)
+    state = cloned_state_dict(ref)
+    outs_ref, grads_ref, nbytes_ref = fwd_bwd_saved(ref, x)
+    state_ref = cloned_state_dict(ref)
+    nbytes = {False: nbytes_ref}
+    for mode in (True, 'selective'):
+        model = build(mode)
+        model.load_state_dict(state)
+        outs, grads, nbytes[mode] = fwd_bwd_saved(model, x)
+        for o, o_ref in zip(outs, outs_ref):
+            assert torch.equal(o, o_ref), mode
+        assert grads.keys() == grads_ref.keys()
+        for name, grad in grads.items():
+            assert torch.equal(grad, grads_ref[name]), (mode, name)
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, state_ref[key]), (mode, key)
+    assert nbytes[True] < nbytes['selective'], nbytes
+    if mesa is None:
+        assert nbytes['selective'] < nbytes[False], nbytes
+    else:
+        # Selective checkpointing keeps FP32 matmul outputs, which can outweigh
+        # Mesa's 8-bit copies of everything: only True is sure to save here.
+        assert nbytes[True] < nbytes[False], nbytes
+
+
+def test_selective_fp32_is_mmseg_drop_in():
+    """MesaSwinTransformer(mesa=None, with_cp='selective'): mmseg's keys, weights
+    (same seed), outputs and gradients."""
+    torch.manual_seed(0)
+    cfg = {**TINY, **CP_DROPS}
+    ref = SwinTransformer(**cfg)
+    torch.manual_seed(0)
+    model = MODELS.build(dict(type='MesaSwinTransformer', **cfg, mesa=None,
+                              with_cp='selective'))
+    ref_sd, sd = ref.state_dict(), model.state_dict()
+    assert list(sd) == list(ref_sd)
+    assert all(torch.equal(sd[k], ref_sd[k]) for k in sd)
+    ref.load_state_dict(sd, strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    outs_ref, grads_ref = fwd_bwd(ref, x)
+    outs, grads = fwd_bwd(model, x)
+    for o, o_ref in zip(outs, outs_ref):
+        assert torch.equal(o, o_ref)
+    for name, g in grads.items():
+        assert torch.equal(g, grads_ref[name]), name
+
+
+def test_bad_with_cp():
+    for bad in ('full', 'Selective', 1, None):
+        with pytest.raises(ValueError, match="with_cp must be False, True"):
+            MesaSwinTransformer(**TINY, with_cp=bad, mesa=None)
 
 
 def test_registry_and_pretrained_checkpoint(tmp_path):
@@ -136,8 +199,8 @@ def test_mesa_disabled_builds_plain_layers():
     ref, model = _build_pair(mesa=dict(enabled=False))
     assert not any(isinstance(m, MesaModule) for m in model.modules())
     x = torch.randn(1, 3, 64, 64)
-    outs_ref, grads_ref = _fwd_bwd(ref, x)
-    outs, grads = _fwd_bwd(model, x)
+    outs_ref, grads_ref = fwd_bwd(ref, x)
+    outs, grads = fwd_bwd(model, x)
     for o, o_ref in zip(outs, outs_ref):
         torch.testing.assert_close(o, o_ref, rtol=0, atol=0)
     for name, g in grads.items():
@@ -204,14 +267,14 @@ def test_mesa_state_dict_compatible_with_mmseg():
 def test_mesa_exact_forward_close_gradients(hw):
     ref, model = _build_pair(mesa=dict())
     x = torch.randn(2, 3, *hw)
-    outs_ref, grads_ref = _fwd_bwd(ref, x)
-    outs, grads = _fwd_bwd(model, x)
+    outs_ref, grads_ref = fwd_bwd(ref, x)
+    outs, grads = fwd_bwd(model, x)
     for o, o_ref in zip(outs, outs_ref):
         torch.testing.assert_close(o, o_ref, rtol=0, atol=0)
     assert _cosine(grads, grads_ref) >= 0.995
     # Switched off, the converted layers run the plain ops: gradients exact.
     assert set_mesa_enabled(model, False) > 0
-    _, grads_off = _fwd_bwd(model, x)
+    _, grads_off = fwd_bwd(model, x)
     for name, g in grads_off.items():
         torch.testing.assert_close(g, grads_ref[name], msg=name)
 
@@ -233,6 +296,7 @@ def test_mesa_saves_activations_in_8_bits():
                 or len(r.shape) == 1), r
 
 
+@pytest.mark.filterwarnings('ignore:torch.utils.checkpoint')  # mmseg's call
 @pytest.mark.parametrize('drop_path_rate,stochastic_rounding', [
     (0., True),
     (0.5, False),
@@ -250,8 +314,8 @@ def test_mesa_with_cp(drop_path_rate, stochastic_rounding):
         strides=(4, ),
         out_indices=(0, ))
     x = torch.randn(4, 3, 64, 64)
-    outs_ref, grads_ref = _fwd_bwd(ref, x)
-    outs, grads = _fwd_bwd(model, x)
+    outs_ref, grads_ref = fwd_bwd(ref, x)
+    outs, grads = fwd_bwd(model, x)
     for o, o_ref in zip(outs, outs_ref):
         torch.testing.assert_close(o, o_ref, rtol=0, atol=0)
     assert _cosine(grads, grads_ref) >= 0.995
@@ -264,8 +328,8 @@ def test_mesa_under_bf16_autocast():
     ref, model = _build_pair(mesa=dict())
     x = torch.randn(2, 3, 64, 64)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        outs_ref, grads_ref = _fwd_bwd(ref, x)
-        outs, grads = _fwd_bwd(model, x)
+        outs_ref, grads_ref = fwd_bwd(ref, x)
+        outs, grads = fwd_bwd(model, x)
         ref_bytes = sum(r.nbytes for r in audit_saved_tensors(ref, x))
         mesa_bytes = sum(r.nbytes for r in audit_saved_tensors(model, x))
     assert outs[0].dtype == torch.bfloat16

@@ -3,11 +3,11 @@
 Paper: `PVT v2: Improved Baselines with Pyramid Vision Transformer
 <https://arxiv.org/abs/2106.13797>`_ (Wang et al., CVMJ 2022).
 
-Differences from v1 (``pvt.py``, whose attention, block and backbone base are
-reused): overlapping patch embeddings (7x7/4, then 3x3/2) instead of positional
-embeddings, a 3x3 depth-wise conv inside the MLP, a LayerNorm after every stage,
-and optionally linear spatial-reduction attention (``'b2_li'``: keys/values from
-a 7x7 average-pooled map). Module names follow the authors' release
+Differences from v1 (``pvt.py``; the attention, block and backbone base both
+use are in ``pvt_base.py``): overlapping patch embeddings (7x7/4, then 3x3/2)
+instead of positional embeddings, a 3x3 depth-wise conv inside the MLP, a
+LayerNorm after every stage, and optionally linear spatial-reduction attention
+(``'b2_li'``: keys/values from a 7x7 average-pooled map). Module names follow the authors' release
 (whai362/PVT), so ``pvt_v2_b*.pth`` load unchanged; timm-layout weights are
 converted on load (``mesa_seg.models.checkpoint.timm_pvt_v2_to_official``).
 """
@@ -23,9 +23,15 @@ from torch import nn
 
 from ...mesa import MesaPolicy
 from ..checkpoint import is_timm_pvt_v2, timm_pvt_v2_to_official
-from .pvt import (HWShape, PatchEmbed, PVTBlock, PyramidVisionTransformerBase,
-                  SpatialReductionAttention, _dropout, _parse_arch, apply_mesa,
-                  nchw_to_nlc, nlc_to_nchw)
+from .pvt_base import (HWShape, PatchEmbed, PVTBlock,
+                       PyramidVisionTransformerBase, SpatialReductionAttention,
+                       apply_mesa, dropout_or_identity, nchw_to_nlc,
+                       nlc_to_nchw, parse_arch)
+
+__all__ = [
+    'AdaptiveAvgPool2d', 'LinearSRAttention', 'DWConv', 'PVTv2Mlp', 'PVTv2',
+    'MesaPVTv2'
+]
 
 
 class _AdaptiveAvgPool2dFn(torch.autograd.Function):
@@ -126,7 +132,7 @@ class PVTv2Mlp(BaseModule):
         self.dwconv = DWConv(hidden_features)
         self.act = build_activation_layer(act_cfg)
         self.fc2 = nn.Linear(hidden_features, in_features)
-        self.drop = _dropout(drop_rate)
+        self.drop = dropout_or_identity(drop_rate)
 
     def forward(self, x: torch.Tensor, hw_shape: HWShape) -> torch.Tensor:
         x = self.dwconv(self.relu(self.fc1(x)), hw_shape)
@@ -163,6 +169,12 @@ class PVTv2(PyramidVisionTransformerBase):
         pretrained (str, optional): Deprecated, use ``init_cfg``. Default: None.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH)``
             with a local official or timm checkpoint, or None. Default: None.
+        with_cp (bool | str): Activation checkpointing of every transformer
+            block whose input requires grad: False (none); True (the block
+            keeps only its input and is recomputed in backward, as ``with_cp``
+            of mmseg's Swin and MiT); ``'selective'`` (matmul and conv outputs
+            are kept, everything else is recomputed). Outputs and gradients
+            are those of False. Default: False.
     """
     _common = dict(num_heads=[1, 2, 5, 8], sr_ratios=[8, 4, 2, 1])
     arch_zoo = {
@@ -196,11 +208,12 @@ class PVTv2(PyramidVisionTransformerBase):
                  act_cfg: dict = dict(type='GELU'),
                  norm_cfg: dict = dict(type='LN', eps=1e-6),
                  pretrained: Optional[str] = None,
-                 init_cfg: Optional[dict] = None):
-        self.arch = _parse_arch(arch, self.arch_zoo, self._arch_keys)
+                 init_cfg: Optional[dict] = None,
+                 with_cp: Union[bool, str] = False):
+        self.arch = parse_arch(arch, self.arch_zoo, self._arch_keys)
         depths = self.arch['depths']
         super().__init__(len(depths), out_indices, frozen_stages, pretrained,
-                         init_cfg)
+                         init_cfg, with_cp)
         self.embed_dims = self.arch['embed_dims']
         self.linear = bool(self.arch.get('linear', False))
 
@@ -229,7 +242,13 @@ class PVTv2(PyramidVisionTransformerBase):
                     drop_rate=drop_rate,
                     linear=self.linear)
                 blocks.append(
-                    PVTBlock(dims, attn, mlp, dpr[cur + j], norm_cfg=norm_cfg))
+                    PVTBlock(
+                        dims,
+                        attn,
+                        mlp,
+                        dpr[cur + j],
+                        norm_cfg=norm_cfg,
+                        with_cp=self.with_cp))
             setattr(self, f'block{i + 1}', blocks)
             setattr(self, f'norm{i + 1}', build_norm_layer(norm_cfg, dims)[1])
             cur += depth
@@ -264,9 +283,11 @@ class MesaPVTv2(PVTv2):
     Args:
         mesa (dict | MesaPolicy | None): Mesa policy, as for
             :class:`~mesa_seg.models.backbones.pvt.MesaPVT` (defaults
-            :data:`~mesa_seg.models.backbones.pvt.PVT_MESA_DEFAULTS`). None or
-            ``dict(enabled=False)`` builds a plain FP32 model. Default: dict().
-        **kwargs: Arguments of :class:`PVTv2`.
+            :data:`~mesa_seg.models.backbones.pvt_base.PVT_MESA_DEFAULTS`).
+            None or ``dict(enabled=False)`` builds a plain FP32 model.
+            Default: dict().
+        **kwargs: Arguments of :class:`PVTv2`; ``with_cp`` combines with Mesa
+            as for :class:`~mesa_seg.models.backbones.pvt.MesaPVT`.
     """
 
     def __init__(self, mesa: Union[dict, MesaPolicy, None] = dict(), **kwargs):

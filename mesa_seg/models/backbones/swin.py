@@ -7,21 +7,26 @@ Mesa: A Memory-saving Training Framework for Transformers
 
 This reuses mmsegmentation 1.2.2's ``SwinTransformer`` unchanged except for the
 window attention, whose two matrix products become ``MatMul`` modules so that the
-Mesa converter can compress them. Constructor arguments and ``state_dict`` keys
-are those of mmseg's ``SwinTransformer`` (plus Mesa's quantizer buffers), so any
-mmseg Swin checkpoint loads unchanged.
+Mesa converter can compress them, and the blocks' activation checkpointing
+(``with_cp``), which also offers selective checkpointing. Constructor arguments
+and ``state_dict`` keys are those of mmseg's ``SwinTransformer`` (plus Mesa's
+quantizer buffers), so any mmseg Swin checkpoint loads unchanged.
 """
 from typing import Optional, Union
 
 import torch
 from mmcv.cnn.bricks.wrappers import Linear as MMCVLinear
-from mmseg.models.backbones.swin import SwinTransformer, WindowMSA
+from mmseg.models.backbones.swin import SwinBlock, SwinTransformer, WindowMSA
 from mmseg.registry import MODELS
 from torch import nn
 
 from ...mesa import MatMul, MesaPolicy, mesafy_
+from ..activation_checkpoint import check_with_cp, checkpoint_block
 
-__all__ = ['MesaWindowMSA', 'MesaSwinTransformer', 'SWIN_MESA_DEFAULTS']
+__all__ = [
+    'MesaWindowMSA', 'CheckpointSwinBlock', 'MesaSwinTransformer',
+    'SWIN_MESA_DEFAULTS'
+]
 
 # Mesa's Swin recipe: every Linear, LayerNorm, GELU, softmax and attention
 # matmul, one group per head, the patch embedding in full precision. Its conv
@@ -102,6 +107,33 @@ class MesaWindowMSA(WindowMSA):
         return bias.permute(2, 0, 1).contiguous()
 
 
+class CheckpointSwinBlock(SwinBlock):
+    """mmseg's ``SwinBlock`` checkpointed through :func:`checkpoint_block`.
+
+    Same modules, ``state_dict`` and arithmetic as
+    :class:`mmseg.models.backbones.swin.SwinBlock` (blocks are converted by a
+    class swap); ``with_cp`` may also be ``'selective'``. ``with_cp=True`` runs
+    torch's non-reentrant checkpoint where mmseg's block calls the reentrant
+    one: forward and gradients are the same (both replay the RNG state), and
+    under Mesa the recomputation quantizes as the forward did.
+    """
+
+    def forward(self, x: torch.Tensor, hw_shape) -> torch.Tensor:
+        return checkpoint_block(
+            self._forward, x, hw_shape, mode=self.with_cp, state=self)
+
+    def _forward(self, x: torch.Tensor, hw_shape) -> torch.Tensor:
+        # mmseg's SwinBlock.forward._inner_forward
+        identity = x
+        x = self.norm1(x)
+        x = self.attn(x, hw_shape)
+        x = x + identity
+
+        identity = x
+        x = self.norm2(x)
+        return self.ffn(x, identity=identity)
+
+
 @MODELS.register_module()
 class MesaSwinTransformer(SwinTransformer):
     """Swin Transformer backbone with Mesa memory-saving activations.
@@ -111,9 +143,10 @@ class MesaSwinTransformer(SwinTransformer):
     mlp_ratio, depths, num_heads, strides, out_indices, qkv_bias, qk_scale,
     patch_norm, drop_rate, attn_drop_rate, drop_path_rate, use_abs_pos_embed,
     act_cfg, norm_cfg, with_cp, pretrained, frozen_stages, init_cfg) with the
-    same meaning and defaults, plus ``mesa``. The forward pass is exact; in
-    training, each converted layer keeps only an 8-bit copy of its input for
-    backward.
+    same meaning and defaults, plus ``mesa``; ``with_cp`` also takes
+    ``'selective'``. The forward pass is exact; in training, each converted
+    layer keeps only an 8-bit copy of its input for backward. With
+    ``mesa=None`` this is a drop-in for mmseg's ``SwinTransformer``.
 
     Every stage, block and window attention exposes ``num_heads``, so with
     ``groups='heads'`` the LayerNorm/Linear/GELU inputs of a block get one
@@ -128,16 +161,28 @@ class MesaSwinTransformer(SwinTransformer):
             A ``MesaPolicy`` is used as given. ``None`` or
             ``dict(enabled=False)`` keeps mmseg's plain FP32 layers.
             Default: ``dict()``.
-        **kwargs: Keyword arguments of ``SwinTransformer``.
+        **kwargs: Keyword arguments of ``SwinTransformer``. ``with_cp``
+            (activation checkpointing of every block whose input requires
+            grad) is False (none), True (the block keeps only its input and is
+            recomputed in backward, as in mmseg) or ``'selective'`` (matmul
+            outputs are kept, everything else is recomputed); outputs and
+            gradients are those of False, Mesa or not (the recomputation
+            quantizes as the forward did, and Mesa's running ranges advance
+            once per step). ``'selective'`` keeps the matmul outputs in full
+            precision, which can outweigh Mesa's 8-bit copies: with Mesa, use
+            True. Other values raise a ValueError. Default: False.
     """
 
     def __init__(self,
                  *args,
                  mesa: Union[dict, MesaPolicy, None] = dict(),
                  **kwargs):
+        check_with_cp(kwargs.get('with_cp', False))
         super().__init__(*args, **kwargs)
         for stage in self.stages:
             for block in stage.blocks:
+                block.with_cp = check_with_cp(block.with_cp)  # also positional
+                block.__class__ = CheckpointSwinBlock
                 heads = block.attn.w_msa.num_heads
                 stage.num_heads = block.num_heads = heads
                 block.attn.num_heads = heads

@@ -1,0 +1,74 @@
+"""Shared helpers of the backbone tests (tests/test_{pvt,swin}.py).
+
+Importing this module registers mesa-seg first (compat fixes must run before
+mmseg's models are imported).
+"""
+from typing import Dict, List, Tuple
+
+import mesa_seg.register  # noqa: F401  (before any mmseg model import)
+import torch
+from torch import nn
+
+Grads = Dict[str, torch.Tensor]
+
+
+def fwd_bwd(model: nn.Module, x: torch.Tensor,
+            seed: int = 1) -> Tuple[List[torch.Tensor], Grads]:
+    """Training forward + backward of a fixed random projection of all outputs.
+
+    Returns the outputs and the gradients of the parameters that got one, plus
+    ``'input'``: the gradient of ``x``.
+    """
+    outs, grads, _ = fwd_bwd_saved(model, x, seed)
+    return outs, grads
+
+
+def fwd_bwd_saved(model: nn.Module, x: torch.Tensor,
+                  seed: int = 1) -> Tuple[List[torch.Tensor], Grads, int]:
+    """:func:`fwd_bwd`, also returning the bytes kept for backward.
+
+    Those are the unique storages seen by ``saved_tensors_hooks`` during the
+    forward, except the parameters, buffers and the input (alive for the whole
+    step anyway). Checkpointed blocks contribute their saved inputs and, under
+    selective checkpointing, the outputs it keeps (``checkpoint_block`` routes
+    them through the hooks).
+    """
+    model.train()
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    owned = {t.untyped_storage().data_ptr()
+             for t in [x, *model.parameters(), *model.buffers()]}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in owned:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    torch.manual_seed(seed)  # same dropout / drop-path draws for every model
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outs = model(x)
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in outs)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()
+             if p.grad is not None}
+    grads['input'] = x.grad
+    return [o.detach() for o in outs], grads, sum(storages.values())
+
+
+def flat(grads: Grads) -> torch.Tensor:
+    """All gradients as one float64 vector (sorted by name)."""
+    return torch.cat([grads[k].double().flatten() for k in sorted(grads)])
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes kept for backward by one training step (see :func:`fwd_bwd_saved`)."""
+    return fwd_bwd_saved(model, x)[2]
+
+
+def cloned_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """A ``state_dict`` that later training steps of ``model`` do not change
+    (Mesa's running ranges are updated in place)."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
