@@ -1,4 +1,5 @@
-# Semantic FPN + PVT-Medium, same recipe as fpn_pvt.py. Paper: 41.6 mIoU.
+# Semantic FPN + PVT-Medium, same recipe as fpn_pvt.py (the PVT authors'
+# released code: AdamW 2e-4, 40k iterations, 8 GPUs x 4 images, 512x512).
 # Local ImageNet weights: --cfg-options model.pretrained=pretrained/pvt_medium.pth
 _base_ = './fpn_pvt.py'
 model = dict(backbone=dict(arch='medium'))

@@ -7,8 +7,8 @@ import os.path as osp
 import pytest
 from mmengine.config import Config
 
-import mesa_seg  # noqa: F401
-from mesa_seg.compat import sync_bn_to_bn
+import mesa_seg.register  # noqa: F401  (what the configs' custom_imports runs)
+from mesa_seg.compat import sync_bn_cfg_to_bn
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = sorted(
@@ -21,9 +21,23 @@ def _load(rel):
     return Config.fromfile(osp.join(REPO, rel))
 
 
+#: Every config the README lists, each baseline with its Mesa twin: a config
+#: that goes missing fails here (the parametrized tests below are drawn from
+#: the files present, so they would just run once less).
+EXPECTED = [
+    f'configs/{name}{suffix}.py'
+    for name in ('upernet_swin', 'upernet_swin_s', 'upernet_swin_b', 'fpn_pvt',
+                 'fpn_pvt_s', 'fpn_pvt_m', 'fpn_pvtv2_b0', 'fpn_pvtv2_b1',
+                 'fpn_pvtv2_b2', 'segformer_mit_b0', 'segformer_mit_b1',
+                 'segformer_mit_b2', 'upernet_deit_s')
+    for suffix in ('', '_mesa')
+] + ['configs/upernet_swin_amp.py', 'configs/upernet_swin_mesa_amp.py',
+     'configs/demo/upernet_swin_demo.py', 'configs/demo/upernet_swin_mesa_demo.py']
+
+
 def test_configs_found():
-    assert 'configs/upernet_swin.py' in CONFIGS
-    assert 'configs/demo/upernet_swin_demo.py' in CONFIGS
+    missing = sorted(set(EXPECTED) - set(CONFIGS))
+    assert not missing, f'configs missing: {missing}'
 
 
 @pytest.mark.parametrize('rel', CONFIGS)
@@ -33,13 +47,13 @@ def test_config_builds_model(rel):
     register_all_modules()
     cfg = _load(rel)
     assert cfg.custom_imports == dict(
-        imports=['mesa_seg'], allow_failed_imports=False)
+        imports=['mesa_seg.register'], allow_failed_imports=False)
     assert cfg.default_scope == 'mmseg'
     model_cfg = cfg.model
     model_cfg.pretrained = None
     if 'init_cfg' in model_cfg.get('backbone', {}):
         model_cfg.backbone.init_cfg = None
-    model = MODELS.build(sync_bn_to_bn(model_cfg))
+    model = MODELS.build(sync_bn_cfg_to_bn(model_cfg))
     assert sum(p.numel() for p in model.parameters()) > 1e6
 
 
@@ -80,7 +94,7 @@ def test_baseline_is_mmseg_swin_tiny_ade20k_recipe():
 
 
 def _flatten(node, prefix=''):
-    if isinstance(node, dict):
+    if isinstance(node, dict) and node:  # (an empty dict is a value)
         out = {}
         for k, v in node.items():
             out.update(_flatten(v, f'{prefix}{k}.'))
@@ -106,9 +120,23 @@ def test_demo_overrides_only_schedule_data_bn_and_lr():
     assert delta and all(k.startswith(allowed) for k in delta), sorted(delta)
 
 
-def test_mesa_demo_shrinks_exactly_like_baseline_demo():
-    mesa_demo = 'configs/demo/upernet_swin_mesa_demo.py'
-    if not osp.exists(osp.join(REPO, mesa_demo)):
-        pytest.skip('configs/demo/upernet_swin_mesa_demo.py not written yet')
-    assert _delta(mesa_demo, 'configs/upernet_swin_mesa.py') == _delta(
-        'configs/demo/upernet_swin_demo.py', 'configs/upernet_swin.py')
+#: What a Mesa config adds to its full-precision baseline (README, "Mesa in a
+#: config"), as flattened keys of the resolved config.
+SWIN_MESA_PARTS = {
+    'model.type': repr('MesaEncoderDecoder'),
+    'model.mesa': repr({}),
+    'model.backbone.type': repr('MesaSwinTransformer'),
+    'model.backbone.mesa': repr({}),
+}
+
+
+def test_flagship_mesa_config_adds_only_the_mesa_parts():
+    assert _delta('configs/upernet_swin_mesa.py',
+                  'configs/upernet_swin.py') == SWIN_MESA_PARTS
+
+
+def test_mesa_demo_is_the_fp32_demo_plus_the_mesa_parts():
+    """The demo schedule is written once (upernet_swin_demo.py); the Mesa
+    demo adds exactly what upernet_swin_mesa.py adds to upernet_swin.py."""
+    assert _delta('configs/demo/upernet_swin_mesa_demo.py',
+                  'configs/demo/upernet_swin_demo.py') == SWIN_MESA_PARTS

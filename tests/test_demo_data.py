@@ -54,9 +54,11 @@ def test_labels_are_ade20k_ids_and_all_classes_occur():
 
 
 def test_mmseg_ade20k_dataset_reads_it(demo_root):
+    from mesa_seg.setup_env import register_all_modules
+    register_all_modules()  # compat fixes first: mmcv-lite has no mmcv._ext
     from mmseg.datasets import ADE20KDataset
-    from mmseg.utils import register_all_modules
-    register_all_modules()
+    from mmseg.utils import register_all_modules as register_mmseg
+    register_mmseg()
     ds = ADE20KDataset(
         data_root=demo_root,
         data_prefix=dict(
@@ -94,6 +96,13 @@ def test_deterministic_and_prefix_stable(tmp_path):
     d = str(tmp_path / 'd')
     write_demo_dataset(d, num_train=3, num_val=1, size=64, seed=3)
     assert filecmp.cmp(osp.join(a, ann), osp.join(d, ann), shallow=False)
+
+
+def test_progress_is_called_once_per_image(tmp_path):
+    calls = []
+    meta = write_demo_dataset(
+        str(tmp_path / 'p'), 2, 1, 48, progress=lambda: calls.append(1))
+    assert len(calls) == 3 == sum(meta['counts'].values())
 
 
 def test_refuses_non_empty_dir_and_bad_sizes(tmp_path):

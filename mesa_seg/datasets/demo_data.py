@@ -23,7 +23,7 @@ import os
 import os.path as osp
 import shutil
 import tempfile
-from typing import Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -177,7 +177,9 @@ def write_demo_dataset(out_dir: str,
                        num_train: int = 40,
                        num_val: int = 10,
                        size: int = 512,
-                       seed: int = 0) -> Dict:
+                       seed: int = 0,
+                       progress: Optional[Callable[[], object]] = None
+                       ) -> Dict:
     """Write the demo dataset; ``out_dir`` becomes an ADE20K ``data_root``.
 
     Files go to a temporary folder next to ``out_dir`` that is renamed at the
@@ -190,6 +192,9 @@ def write_demo_dataset(out_dir: str,
         size (int): Image height (ADE20K's shorter side); widths vary
             from ``size`` to ``1.5 * size``. Default: 512.
         seed (int): Dataset seed. Default: 0.
+        progress (callable, optional): Called without arguments after each
+            image and its annotation are written (e.g. a tqdm bar's
+            ``update``). Default: None.
 
     Returns:
         dict: The metadata also written to ``out_dir/demo_meta.json``.
@@ -223,6 +228,8 @@ def write_demo_dataset(out_dir: str,
                     osp.join(img_dir, stem + '.jpg'), img,
                     [cv2.IMWRITE_JPEG_QUALITY, 90])
                 cv2.imwrite(osp.join(ann_dir, stem + '.png'), label)
+                if progress is not None:
+                    progress()
         meta = dict(
             generator='mesa_seg.datasets.demo_data',
             seed=seed,
