@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test test-fast bench memory-report clean-venv
+.PHONY: setup demo test test-fast bench bench-ops memory-report clean-venv
 
 setup: $(STAMP)
 
@@ -29,7 +29,16 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow"
 
+# The strategy leaderboard, CPU-sized (both flagship models, all 8 strategies,
+# 256x256, batch 2): reports/bench_256/leaderboard.md. One timed step per cell
+# (plus the warm-up step, the allocator-traced step and the audited forward):
+# the bf16 AMP cells are the slow ones on CPUs without native bf16 arithmetic.
 bench: $(STAMP)
+	$(PY) tools/benchmark.py --models upernet_swin fpn_pvt --size 256 256 --batch 2 \
+		--steps 1 --warmup 1 --out reports/bench_256
+
+# Per-op cost of Mesa vs torch (fwd+bwd time, saved bytes)
+bench-ops: $(STAMP)
 	$(PY) -m mesa_seg.benchmarks.ops
 
 clean-venv:

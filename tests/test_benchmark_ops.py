@@ -1,12 +1,15 @@
 """Smoke test of the op benchmark (``python -m mesa_seg.benchmarks.ops``)."""
 import pytest
 
+import mesa_seg.mesa as mesa
 from mesa_seg.benchmarks import ops as bench
 from mesa_utils import eager_by_default  # noqa: F401  (fixture)
 
 
 def test_small_benchmark_prints_every_op(capsys):
-    rows = bench.main(['--shapes', 'small', '--repeat', '1', '--backend', 'eager'])
+    with mesa.use_backend('compile'):
+        rows = bench.main(['--shapes', 'small', '--repeat', '1', '--backend', 'eager'])
+        assert mesa.get_backend() == 'compile'  # --backend holds for the run only
     table = capsys.readouterr().out
     lines = table.splitlines()
     assert lines[0].startswith('Mesa op benchmark: shapes=small, backend=eager')

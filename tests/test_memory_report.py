@@ -43,12 +43,10 @@ def tiny_configs(tmp_path_factory):
 @pytest.fixture
 def eager_mesa(monkeypatch):
     """Mesa's eager kernels (no torch.compile time), here and in subprocesses."""
-    from mesa_seg.mesa import get_backend, set_backend
-    prev = get_backend()
+    from mesa_seg.mesa import use_backend
     monkeypatch.setenv('MESA_BACKEND', 'eager')
-    set_backend('eager')
-    yield
-    set_backend(prev)
+    with use_backend('eager'):
+        yield
 
 
 # ------------------------------------------------------------------ meters
@@ -184,6 +182,8 @@ def test_probe_peak_independent_of_warmup_batch(tiny_configs, eager_mesa):
     (['nope.py', '--baseline', 'nope.py'], 'config file not found: nope.py'),
     (['{cfg}', '--baseline', '{cfg}', '--budget-mb', '9'], '--budget-mb needs --sweep batch'),
     (['{cfg}', '--baseline', '{cfg}', '--warmup', '0'], '--warmup must be >= 1'),
+    (['{cfg}', '--baseline', '{cfg}', '--strategy', 'int8'], "invalid choice: 'int8'"),
+    (['{cfg}', '--baseline', '{cfg}', '--baseline-strategy', 'x'], "invalid choice: 'x'"),
 ])
 def test_cli_rejects_bad_input(argv, message, capsys):
     from mesa_seg.memory.cli import parse_args
@@ -191,6 +191,48 @@ def test_cli_rejects_bad_input(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         parse_args([a.format(cfg=cfg) for a in argv])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_strategies_on_one_config():
+    """--strategy / --baseline-strategy: the same config measured twice, e.g.
+    Mesa against an FP32 model with the same (fused) loss."""
+    from mesa_seg.memory.cli import _entries, _entry_names, parse_args
+    cfg = osp.join(ROOT, 'configs', 'upernet_swin.py')
+    mesa_cfg = osp.join(ROOT, 'configs', 'upernet_swin_mesa.py')
+    args = parse_args([cfg, '--baseline', cfg, '--strategy', 'mesa',
+                       '--baseline-strategy', 'fused_loss'])
+    entries = _entries(args)
+    assert entries == [(cfg, 'fused_loss'), (cfg, 'mesa')]
+    assert _entry_names(entries) == ['upernet_swin [fused_loss]', 'upernet_swin [mesa]']
+    # without strategies: as before, a config equal to the baseline is measured once
+    args = parse_args([cfg, mesa_cfg, '--baseline', cfg])
+    assert _entries(args) == [(cfg, None), (mesa_cfg, None)]
+    assert _entry_names(_entries(args)) == ['upernet_swin', 'upernet_swin_mesa']
+    args = parse_args([cfg, '--baseline', cfg, '--strategy', 'cp'])
+    assert _entries(args) == [(cfg, None), (cfg, 'cp')]
+
+
+def test_main_table_says_which_loss_each_side_used():
+    from mesa_seg.memory.report import add_ratios, main_table
+
+    def result(name, loss, cp, precision, peak):
+        return dict(name=name, device='cpu', oom=False, peak=peak * MiB,
+                    activation=dict(total=peak * MiB / 2), step_time=dict(median=1.0),
+                    step_cpu_time=dict(median=2.0), peak_rss=peak * MiB,
+                    model=dict(loss=loss, checkpointing=cp, precision=precision))
+
+    base = result('a [fused_loss]', 'fused resize + CE', False, 'fp32', 1000)
+    other = result('a [mesa_cp]', 'fused resize + CE', True, 'fp32', 500)
+    amp = result('a [amp]', "mmseg's CE (upsample, then CE)", False, 'bfloat16 AMP (CPU)', 800)
+    add_ratios([base, other, amp], base)
+    table = main_table([base, other, amp], base, None)
+    assert table[0].startswith('| config | loss | checkpointing | precision | peak training')
+    assert table[2].startswith('| a [fused_loss] (baseline) | fused resize + CE | none | fp32 '
+                               '| 1,000 (1.00×) |')
+    assert table[3].startswith('| a [mesa_cp] | fused resize + CE | every backbone block | '
+                               'fp32 | 500 (0.50×) |')
+    assert table[4].startswith("| a [amp] | mmseg's CE (upsample, then CE) | none | "
+                               'bfloat16 AMP (CPU) | 800 (0.80×) |')
 
 
 # -------------------------------------------------------------- end to end
@@ -231,6 +273,12 @@ def test_report_files_and_figures(report):
         assert abs(r['step_drift']) <= 0.01 * (r['peak'] - r['step_start'])
         assert r['step_time']['median'] > 0
     assert base['model']['mesa_layers'] == 0 < mesa['model']['mesa_layers']
+    # honest labels, read from the built models
+    assert base['model']['loss'] == "mmseg's CE (upsample, then CE)"
+    assert mesa['model']['loss'] == 'fused resize + CE'
+    for r in (base, mesa):
+        assert r['model']['checkpointing'] is False and r['model']['precision'] == 'fp32'
+    assert rep['environment']['cpu_count'] == os.cpu_count()
     assert base['ratios']['peak'] == 1.0
     assert mesa['ratios']['activation'] == pytest.approx(
         mesa['activation']['total'] / base['activation']['total'])
@@ -240,6 +288,8 @@ def test_report_files_and_figures(report):
     md = open(osp.join(out, 'report.md')).read()
     assert rep['command'] in md and 'tiny_swin_mesa' in md and '| loss |' in md
     assert 'tiny_swin (baseline)' in stdout
+    assert "| tiny_swin (baseline) | mmseg's CE (upsample, then CE) | none | fp32 |" in stdout
+    assert '| tiny_swin_mesa | fused resize + CE | none | fp32 |' in md
 
 
 @pytest.mark.slow

@@ -23,7 +23,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..mesa import MatMul, audit_saved_tensors, get_backend, mesafy_, set_backend
+from ..mesa import (MatMul, audit_saved_tensors, compile_failed, get_backend, mesafy_,
+                    use_backend)
 
 __all__ = ['OpSpec', 'SHAPES', 'OPS', 'bench_op', 'format_table', 'main']
 
@@ -153,10 +154,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     args = parse_args(argv)
-    if args.backend:
-        set_backend(args.backend)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Selected for the run only: a caller (a test) keeps its own backend.
+    with use_backend(args.backend or get_backend()):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> List[dict]:
     print(f'Mesa op benchmark: shapes={args.shapes}, backend={get_backend()}, '
           f'repeat={args.repeat} (medians, warm-up excluded), torch {torch.__version__}, '
           f'{torch.get_num_threads()} CPU threads', flush=True)
@@ -164,8 +169,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     for name in args.ops:
         rows.append(bench_op(name, SHAPES[args.shapes], args.repeat))
         print(f'  {name} done', file=sys.stderr, flush=True)
-    from ..mesa import primitives
-    if get_backend() == 'compile' and primitives._compile_failed:
+    if get_backend() == 'compile' and compile_failed():
         print('WARNING: compiled kernels failed; Mesa ran the eager fallback')
     print(format_table(rows))
     return rows

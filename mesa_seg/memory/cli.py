@@ -1,11 +1,15 @@
 """``tools/memory_report.py``: Mesa vs full-precision training memory, side by side.
 
     python tools/memory_report.py CONFIG [CONFIG ...] --baseline CONFIG
+        [--strategy NAME] [--baseline-strategy NAME]
         [--size H W] [--batch B] [--steps N] [--device cpu|cuda] [--out DIR]
         [--sweep batch] [--budget-mb MB] [--cfg-options KEY=VALUE ...]
 
 Each config is measured in a fresh process (:mod:`.worker`); the report goes to
 ``OUT/report.{md,json,png}`` and each process's log to ``OUT/logs/``.
+``--strategy`` / ``--baseline-strategy`` apply a :mod:`mesa_seg.strategies`
+strategy to the measured configs / the baseline, e.g. ``mesa`` against
+``fused_loss`` on the same config: Mesa's own saving, with the same loss.
 """
 from __future__ import annotations
 
@@ -13,11 +17,12 @@ import argparse
 import datetime
 import os
 import os.path as osp
-import platform
+import re
 import shlex
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
+from ..strategies import add_strategy_argument
 from .measure import RunSpec, progress_units
 from .meters import MALLOC_ENV
 from .report import MiB, add_ratios, main_table, write_json, write_markdown
@@ -59,6 +64,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    "(default: torch's default)")
     p.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
                    help='override settings of every config, e.g. model.backbone.depths=[2,2,2,2]')
+    add_strategy_argument(p, what='the measured CONFIGs')
+    add_strategy_argument(p, '--baseline-strategy', what='the baseline')
     args = p.parse_args(argv)
     for path in [args.baseline] + args.configs:
         if not osp.isfile(path):
@@ -84,27 +91,35 @@ def _names(paths: List[str]) -> Dict[str, str]:
 
 
 def _environment(results: List[Dict], device: str) -> Dict:
-    import mmengine
-    import mmseg
-    import torch
-    name = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            name = next(line.split(':', 1)[1].strip() for line in f
-                        if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    if device == 'cuda' and torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-    precisions = sorted({_PRECISION.get(r['model']['optim_wrapper'], r['model']['optim_wrapper'])
-                         for r in results if r.get('model')})
-    return dict(torch=torch.__version__, mmseg=mmseg.__version__, mmengine=mmengine.__version__,
-                python=platform.python_version(), platform=platform.platform(),
-                device_name=name, cpu_count=os.cpu_count(),
+    from ..machine import describe_machine
+    precisions = sorted({r['model'].get('precision') or _PRECISION.get(
+        r['model']['optim_wrapper'], r['model']['optim_wrapper'])
+        for r in results if r.get('model')})
+    return dict(describe_machine(device),
                 torch_threads=max((r.get('torch_threads', 0) for r in results), default=0),
                 precision=' / '.join(precisions) or 'fp32', malloc_env=dict(MALLOC_ENV),
                 mesa_backend=next((r['mesa_backend'] for r in results if 'mesa_backend' in r),
-                                  None))
+                                  None),
+                mesa_compile_failed=any(r.get('mesa_compile_failed') for r in results))
+
+
+def _file_tag(name: str) -> str:
+    """``'configs/x [mesa]'`` -> ``'configs_x_mesa'``: safe in a file name."""
+    return re.sub(r'[^\w.-]+', '_', name).strip('_')
+
+
+def _entries(args) -> List[Tuple[str, Optional[str]]]:
+    """``(config, strategy)`` to measure, the baseline first; a config equal to
+    the baseline (same file, same strategy) is measured once."""
+    base = (args.baseline, args.baseline_strategy)
+    return [base] + [e for e in dict.fromkeys((c, args.strategy) for c in args.configs)
+                     if e != base]
+
+
+def _entry_names(entries: List[Tuple[str, Optional[str]]]) -> List[str]:
+    """A unique label per entry: the config's short name, plus ``[strategy]``."""
+    stems = _names(list(dict.fromkeys(p for p, _ in entries)))
+    return [stems[p] + (f' [{s}]' if s else '') for p, s in entries]
 
 
 def _run(spec: RunSpec, name: str, log_dir: str, bar) -> Dict:
@@ -112,7 +127,7 @@ def _run(spec: RunSpec, name: str, log_dir: str, bar) -> Dict:
         bar.set_postfix_str(f'{name}: {phase}', refresh=False)
         bar.update(1)
 
-    tag = f'{name.replace("/", "_")}_b{spec.batch}' + ('_peak' if spec.peak_only else '')
+    tag = f'{_file_tag(name)}_b{spec.batch}' + ('_peak' if spec.peak_only else '')
     bar.set_postfix_str(f'{name}: starting')
     return run_isolated(spec, osp.join(log_dir, tag + '.log'), on_progress)
 
@@ -121,22 +136,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     from tqdm import tqdm
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    paths = [args.baseline] + [c for c in dict.fromkeys(args.configs) if c != args.baseline]
-    names = _names(paths)
+    entries = _entries(args)
+    names = _entry_names(entries)
     log_dir = osp.join(args.out, 'logs')
     os.makedirs(log_dir, exist_ok=True)
     common = dict(size=tuple(args.size) if args.size else None, steps=args.steps,
                   warmup=args.warmup, device=args.device, cfg_options=args.cfg_options,
                   threads=args.threads)
-    specs = [RunSpec(config=p, batch=args.batch, **common) for p in paths]
+    specs = [RunSpec(config=p, batch=args.batch, strategy=st, **common)
+             for p, st in entries]
 
     results = []
     try:
         with tqdm(total=sum(progress_units(s) for s in specs), desc='measuring',
                   unit='step', dynamic_ncols=True) as bar:
-            for path, spec in zip(paths, specs):
-                r = _run(spec, names[path], log_dir, bar)
-                r.update(name=names[path], config=path)
+            for (path, strategy), name, spec in zip(entries, names, specs):
+                r = _run(spec, name, log_dir, bar)
+                r.update(name=name, config=path, strategy=strategy)
                 results.append(r)
         baseline = results[0]
         if baseline.get('oom'):
@@ -157,7 +173,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         baseline=baseline['name'],
         environment=_environment(results, args.device),
         settings=dict(batch=args.batch, size=args.size, steps=args.steps, warmup=args.warmup,
-                      device=args.device, threads=args.threads, cfg_options=args.cfg_options,
+                      device=args.device, strategy=args.strategy,
+                      baseline_strategy=args.baseline_strategy, threads=args.threads,
+                      cfg_options=args.cfg_options,
                       sweep=args.sweep, budget=budget,
                       budget_source=None if budget is None else (
                           '--budget-mb' if args.budget_mb else

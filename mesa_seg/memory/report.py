@@ -71,10 +71,19 @@ def _label(r: Dict, baseline: Dict) -> str:
     return f"{r['name']} (baseline)" if r is baseline else r['name']
 
 
+def _setup_cells(r: Dict) -> List[str]:
+    """What the run trained with, read from the built model: loss,
+    checkpointing, precision."""
+    m = r.get('model') or {}
+    cp = m.get('checkpointing')
+    cp = {False: 'none', True: 'every backbone block', None: '–'}.get(cp, cp)
+    return [m.get('loss', '–'), cp, m.get('precision', '–')]
+
+
 def main_table(results: List[Dict], baseline: Dict, budget: Optional[float]) -> List[str]:
     cpu = baseline['device'] == 'cpu'
-    header = ['config', 'peak training memory, MiB', 'activation memory, MiB',
-              'step time, s']
+    header = ['config', 'loss', 'checkpointing', 'precision', 'peak training memory, MiB',
+              'activation memory, MiB', 'step time, s']
     if cpu:
         header += ['CPU time, s', 'peak RSS, MiB']
     if budget is not None:
@@ -85,7 +94,7 @@ def main_table(results: List[Dict], baseline: Dict, budget: Optional[float]) -> 
         if r.get('oom'):
             rows.append([_label(r, baseline), 'out of memory'] + [''] * (len(header) - 2))
             continue
-        row = [_label(r, baseline),
+        row = [_label(r, baseline)] + _setup_cells(r) + [
                _mib(r['peak']) + _ratio(q['peak']),
                _mib(r['activation']['total']) + _ratio(q['activation']),
                f"{r['step_time']['median']:.2f}" + _ratio(q['step_time'])]
@@ -97,7 +106,7 @@ def main_table(results: List[Dict], baseline: Dict, budget: Optional[float]) -> 
             row.append('–' if s is None else
                        f"{'' if s['exact'] else '≥ '}{s['max_batch']}" + _ratio(q['max_batch']))
         rows.append(row)
-    return _table(header, rows)
+    return _table(header, rows, 'llll' + 'r' * (len(header) - 4))
 
 
 def part_table(results: List[Dict]) -> List[str]:
@@ -226,6 +235,13 @@ def write_markdown(report: Dict, path: str) -> None:
                 'the warm-up')
     lines += [
         '',
+        "- **loss, checkpointing, precision**: read from each built model: "
+        "'fused resize + CE' = the exact fused resize + cross-entropy (only the "
+        "low-resolution logits kept for backward), \"mmseg's CE\" = mmseg's "
+        'upsample-then-cross-entropy; checkpointing of the backbone blocks '
+        '(`with_cp`); the optimizer wrapper\'s precision. A comparison changes one '
+        'thing: to see what Mesa itself saves, measure against a baseline with the '
+        'same loss (`--strategy mesa --baseline-strategy fused_loss`);',
         f'- **peak training memory**: {peak_how};',
         '- **activation memory**: bytes autograd keeps for backward at the end of the '
         'forward + loss (unique storages, parameters excluded, '
