@@ -39,7 +39,7 @@ bench: $(STAMP)
 
 # Per-op cost of Mesa vs torch (fwd+bwd time, saved bytes)
 bench-ops: $(STAMP)
-	$(PY) -m mesa_seg.benchmarks.ops
+	$(PY) -m mesa_seg.benchmark.ops
 
 clean-venv:
 	rm -rf $(VENV)

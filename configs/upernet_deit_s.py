@@ -1,5 +1,5 @@
 # Full-precision baseline: UperNet + DeiT-S/16 on ADE20K, mmseg's published
-# recipe (vit_deit-s16_upernet_8xb2-160k_ade20k-512x512, 42.87 mIoU): ViT
+# recipe (vit_deit-s16_upernet_8xb2-160k_ade20k-512x512): ViT
 # backbone with 384 channels, 6 heads, drop path 0.1, no neck, UPerHead +
 # FCN auxiliary head; AdamW 6e-5 (no weight decay for position embedding, class
 # token and norms), 1500-iter linear warm-up then poly, 160k iterations,

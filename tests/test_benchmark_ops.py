@@ -1,8 +1,8 @@
-"""Smoke test of the op benchmark (``python -m mesa_seg.benchmarks.ops``)."""
+"""Smoke test of the op benchmark (``python -m mesa_seg.benchmark.ops``)."""
 import pytest
 
 import mesa_seg.mesa as mesa
-from mesa_seg.benchmarks import ops as bench
+from mesa_seg.benchmark import ops as bench
 from mesa_utils import eager_by_default  # noqa: F401  (fixture)
 
 

@@ -39,7 +39,7 @@ __all__ = [
 # first patch embedding's conv: its input is the image batch, alive for the
 # whole step anyway, so an 8-bit copy would only add memory. Its LayerNorm,
 # whose input at 1/4 resolution outweighs the image, is compressed (Swin's
-# recipe keeps it in full precision; here that would leave more than 10 % of
+# recipe keeps it in full precision; here that would leave a large share of
 # MiT-B0's saved bytes uncompressed). Later patch embeddings read stage outputs.
 MIT_MESA_DEFAULTS = dict(groups='heads', exclude=(r'^layers\.0\.0\.projection$', ))
 

@@ -1,6 +1,6 @@
 """Per-op cost of Mesa vs torch: fwd+bwd time and bytes saved for backward.
 
-Run ``python -m mesa_seg.benchmarks.ops [--shapes swin_t_512|small] [--repeat N]
+Run ``python -m mesa_seg.benchmark.ops [--shapes swin_t_512|small] [--repeat N]
 [--backend compile|eager] [--threads N]``. For every op it builds the torch
 module, its Mesa twin (``mesafy_``, same weights) and random inputs at the
 activation shapes of UperNet + Swin-T at 512², batch 2, then prints the median

@@ -1,1 +1,0 @@
-"""Benchmarks (not tests): ``python -m mesa_seg.benchmarks.ops``."""
