@@ -93,10 +93,14 @@ def _run(main, argv: Optional[List[str]]) -> int:
 
 
 def _last_checkpoint(runner) -> str:
-    from mmengine.runner import find_latest_checkpoint
-    path = runner.message_hub.get_info('last_ckpt')
-    if path is None and osp.isdir(runner.work_dir):
-        path = find_latest_checkpoint(runner.work_dir)
+    # the work dir's last_checkpoint, written only after a complete save
+    # (not the message hub's, which names a checkpoint before it is written)
+    path = osp.join(runner.work_dir, 'last_checkpoint')
+    if osp.isfile(path):
+        with open(path) as f:
+            path = f.read().strip()
+    else:
+        path = None
     return f'the last checkpoint, {path}, is intact' if path else \
         'no checkpoint was written yet'
 
@@ -115,7 +119,7 @@ def _fit(runner) -> None:
         if isinstance(e, (CheckpointSaveError, RankFailureError)) or \
                 not is_comm_failure(e):
             raise
-        rank, world_size = dist_info()
+        world_size = dist_info()[1]
         lost = unresponsive_ranks()
         who = 'the rendezvous store is unreachable too (it runs in rank 0 ' \
             'or the launcher): rank 0 or its node is gone' if lost is None \

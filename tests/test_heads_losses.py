@@ -251,7 +251,9 @@ def test_heads_with_their_own_loss_keep_it(monkeypatch):
     assert type(model.auxiliary_head).__name__ == 'DAHead'
     assert 'Mesa: EncHead keeps the unfused loss: EncHead defines its own loss_by_feat' in logs
     assert 'Mesa: DAHead keeps the unfused loss: DAHead defines its own loss_by_feat' in logs
-    losses, _ = _loss_and_grads(model, *_batch())
+    from mesa_seg.mesa import use_backend
+    with use_backend('eager'):  # no kernel compilation for these shapes
+        losses, _ = _loss_and_grads(model, *_batch())
     for key in ('decode.loss_ce', 'decode.loss_se', 'aux.pam_cam.loss_ce', 'aux.pam.loss_ce',
                 'aux.cam.loss_ce'):
         assert torch.isfinite(losses[key]), key

@@ -187,3 +187,59 @@ def test_preemption_hook_saves_the_iteration_and_stops(tmp_path):
         == ['iter_3.pth', 'last_checkpoint']
     ckpt = torch.load(tmp_path / 'iter_3.pth', weights_only=False)
     assert ckpt['meta']['iter'] == 3 and ckpt['meta']['world_size'] == 1
+
+
+# ---- SafeCheckpointHook: the previous best survives a failed save --------------------
+def test_best_checkpoint_is_replaced_only_after_the_new_one_is_written(
+        tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from mmengine.evaluator import BaseMetric
+    from mmengine.runner import Runner
+
+    from mesa_seg.errors import CheckpointSaveError
+
+    scores = iter([1.0, 2.0, 3.0])
+
+    class Score(BaseMetric):
+
+        def process(self, data_batch, data_samples):
+            self.results.append(0)
+
+        def compute_metrics(self, results):
+            return dict(score=next(scores))
+
+    fsync = os.fsync
+
+    def disk_full_for_iteration_6(fd):
+        if 'best_score_iter_6' in os.readlink(f'/proc/self/fd/{fd}'):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(os, 'fsync', disk_full_for_iteration_6)
+    runner = Runner(
+        model=_toy_model(None),
+        work_dir=str(tmp_path),
+        experiment_name=f'best_{uuid.uuid4().hex[:8]}',
+        train_dataloader=DataLoader(_Pairs(), batch_size=4, shuffle=False),
+        val_dataloader=DataLoader(_Pairs(4), batch_size=4, shuffle=False),
+        val_evaluator=[Score()],
+        train_cfg=dict(by_epoch=False, max_iters=6, val_interval=2),
+        val_cfg=dict(),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
+        default_hooks=dict(checkpoint=dict(
+            type='SafeCheckpointHook', by_epoch=False, interval=100,
+            save_best='score', rule='greater')),
+        log_processor=dict(by_epoch=False),
+        default_scope=None)
+    with pytest.raises(CheckpointSaveError) as err:
+        runner.train()
+    assert str(err.value).startswith(
+        f'cannot write checkpoint {tmp_path}/best_score_iter_6.pth (No space '
+        'left on device, ENOSPC) at iteration 6; training stopped, the '
+        f'previous checkpoint {tmp_path}/best_score_iter_4.pth is intact')
+    names = sorted(f for f in os.listdir(tmp_path) if f.endswith('.pth'))
+    # iter_2's best was removed once iter_4's was written; iter_6.pth is the
+    # last iteration's (saved before the validation)
+    assert names == ['best_score_iter_4.pth', 'iter_6.pth']

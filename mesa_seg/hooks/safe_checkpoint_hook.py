@@ -159,14 +159,16 @@ class SafeCheckpointHook(CheckpointHook):
         # defer the removals until the save returned. (Only rank 0 writes
         # here: a failure stops rank 0 with one line, the other ranks then
         # lose rank 0.)
-        previous = self.best_ckpt_path
+        if not self.save_best:
+            return
+        previous = getattr(self, 'best_ckpt_path', None)
         try:
             with self._deferred_removals():
                 super()._save_best_checkpoint(runner, metrics)
         except OSError as e:
+            path = getattr(self, 'best_ckpt_path', None) or 'the best checkpoint'
             raise CheckpointSaveError(
-                self._failure(self.best_ckpt_path or 'the best checkpoint',
-                              runner.iter, previous, e)) from e
+                self._failure(path, runner.iter, previous, e)) from e
 
     @contextlib.contextmanager
     def _deferred_removals(self):
