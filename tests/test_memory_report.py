@@ -279,9 +279,12 @@ def test_report_files_and_figures(report):
     for r in (base, mesa):
         assert r['model']['checkpointing'] is False and r['model']['precision'] == 'fp32'
     assert rep['environment']['cpu_count'] == os.cpu_count()
-    assert base['ratios']['peak'] == 1.0
-    assert mesa['ratios']['activation'] == pytest.approx(
-        mesa['activation']['total'] / base['activation']['total'])
+    # Two independent measurements agree: what Mesa saves in peak training
+    # memory (allocator events) is what it saves in activation memory
+    # (autograd's saved tensors), up to transient buffers
+    peak_saved = base['peak'] - mesa['peak']
+    act_saved = base['activation']['total'] - mesa['activation']['total']
+    assert 0.75 * peak_saved <= act_saved <= 1.05 * peak_saved, (peak_saved, act_saved)
     # Mesa keeps 8-bit codes: activation memory well under half, peak lower
     assert mesa['ratios']['activation'] < 0.4 and mesa['ratios']['peak'] < 0.8
     assert mesa['activation']['by_part']['backbone.stage1']['compressed'] > 0
@@ -316,5 +319,16 @@ def test_batch_sweep(report):
         assert sweep['max_batch'] == max(fits)
         if sweep['exact']:
             assert peaks[sweep['max_batch'] + 1] > budget
-    assert base['sweep']['max_batch'] == 2 and base['sweep']['exact']
-    assert mesa['sweep']['max_batch'] >= 3
+    # each probe ran in a fresh process; together they lie on one line (a fixed
+    # part plus the same bytes per image), so the measurements are consistent
+    for r in (base, mesa):
+        pts = sorted((int(b), p) for b, p in r['sweep']['peaks'].items() if p is not None)
+        assert len(pts) >= 2, r['name']
+        slopes = [(p1 - p0) / (b1 - b0) for (b0, p0), (b1, p1) in zip(pts, pts[1:])]
+        assert 0 < min(slopes) and max(slopes) <= 1.05 * min(slopes), (r['name'], slopes)
+    # FP32 peaks at the end of the forward pass: its fixed part is what is
+    # resident at a step's start (weights, optimizer state), measured apart
+    (b0, p0), (b1, p1) = sorted((int(b), p) for b, p in base['sweep']['peaks'].items())[:2]
+    fixed = p0 - b0 * (p1 - p0) / (b1 - b0)
+    assert abs(fixed - base['step_start']) <= 0.05 * base['peak'], (fixed, base['step_start'])
+    assert base['sweep']['exact'] and mesa['sweep']['max_batch'] >= 3
