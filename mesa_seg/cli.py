@@ -24,9 +24,10 @@ import sys
 from typing import List, Optional
 
 from mmengine.config import DictAction
+from mmengine.dist import get_dist_info
 
 from .data_faults import data_file_message
-from .distributed import (dist_info, is_comm_failure, short_reason,
+from .distributed import (is_comm_failure, short_reason,
                           unresponsive_ranks)
 from .errors import (CheckpointSaveError, DataFileError, NonFiniteLossError,
                      Preempted, RankFailureError, UsageError, exit_code)
@@ -80,7 +81,7 @@ def _run(main, argv: Optional[List[str]]) -> int:
         main(argv)
     except (UsageError, NonFiniteLossError, DataFileError, RankFailureError,
             CheckpointSaveError, Preempted) as e:
-        rank, world_size = dist_info()
+        rank, world_size = get_dist_info()
         kind = 'preempted' if isinstance(e, Preempted) else 'error'
         where = f'[rank {rank}] ' if world_size > 1 else ''
         # one write: the lines of several ranks sharing a pipe stay apart
@@ -119,7 +120,7 @@ def _fit(runner) -> None:
         if isinstance(e, (CheckpointSaveError, RankFailureError)) or \
                 not is_comm_failure(e):
             raise
-        world_size = dist_info()[1]
+        world_size = get_dist_info()[1]
         lost = unresponsive_ranks()
         who = 'the rendezvous store is unreachable too (it runs in rank 0 ' \
             'or the launcher): rank 0 or its node is gone' if lost is None \

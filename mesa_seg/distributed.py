@@ -17,13 +17,14 @@ from __future__ import annotations
 import os
 import time
 from datetime import timedelta
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Union
 
 import torch
 import torch.distributed as dist
+from mmengine.dist import get_dist_info
 
 __all__ = [
-    'dist_info', 'is_distributed', 'collective_device', 'ranks_with',
+    'is_distributed', 'collective_device', 'ranks_with',
     'rank0_ok', 'is_comm_failure', 'unresponsive_ranks', 'short_reason'
 ]
 
@@ -38,16 +39,9 @@ _COMM_FAILURE_MARKERS = (
     'ProcessGroupNCCL', 'gloo/transport')
 
 
-def dist_info() -> Tuple[int, int]:
-    """(rank, world size); (0, 1) outside a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def is_distributed() -> bool:
     """Whether a process group of more than one rank is initialised."""
-    return dist_info()[1] > 1
+    return get_dist_info()[1] > 1
 
 
 def collective_device() -> torch.device:
@@ -66,7 +60,7 @@ def ranks_with(flag: Union[bool, torch.Tensor]) -> List[int]:
         flag (bool | Tensor): This rank's flag; a 0-dim tensor stays on its
             device until the all-reduce (no extra host synchronisation).
     """
-    rank, world_size = dist_info()
+    rank, world_size = get_dist_info()
     if world_size == 1:
         return [0] if bool(flag) else []
     device = collective_device()
@@ -108,7 +102,7 @@ def unresponsive_ranks(wait_s: float = ANSWER_WAIT_S) -> Optional[List[int]]:
     unreachable (it lives in rank 0's process unless a launcher such as
     torchrun hosts it).
     """
-    rank, world_size = dist_info()
+    rank, world_size = get_dist_info()
     try:
         store = dist.distributed_c10d._get_default_store()
         store.set_timeout(timedelta(seconds=max(wait_s, 1.0)))

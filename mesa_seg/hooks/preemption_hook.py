@@ -12,11 +12,12 @@ import signal
 import threading
 from typing import Optional
 
+from mmengine.dist import get_dist_info
 from mmengine.hooks import CheckpointHook, Hook
 from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
-from ..distributed import dist_info, ranks_with
+from ..distributed import ranks_with
 from ..errors import Preempted
 
 __all__ = ['PreemptionHook']
@@ -95,7 +96,7 @@ class PreemptionHook(Hook):
         step = runner.iter + 1
         saved = self._save(runner, step)
         self.restore()
-        rank, world_size = dist_info()
+        rank, world_size = get_dist_info()
         name = signal.Signals(self._received).name if self._received \
             else 'SIGTERM'
         where = '' if world_size == 1 else (

@@ -15,6 +15,7 @@ import os
 import os.path as osp
 from typing import List, Optional
 
+from mmengine.dist import get_dist_info
 from mmengine.dist import is_main_process
 from mmengine.fileio import LocalBackend
 from mmengine.hooks import CheckpointHook
@@ -22,7 +23,7 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from ..distributed import dist_info, rank0_ok
+from ..distributed import rank0_ok
 from ..errors import CheckpointSaveError, UsageError
 from ..fileio import atomic_write, temp_target
 from .random_state_hook import RANK_STATES_KEY, get_random_state
@@ -204,7 +205,7 @@ class SafeCheckpointHook(CheckpointHook):
 
     @staticmethod
     def _failure(path, step, previous, error) -> str:
-        rank, _ = dist_info()
+        rank, _ = get_dist_info()
         if error is None:  # another rank's save failed
             what = f'rank 0 could not write checkpoint {path}'
         else:
@@ -221,7 +222,7 @@ class SafeCheckpointHook(CheckpointHook):
     def _gather_rank_states(self, runner) -> None:
         import torch.distributed as dist
         self._rank_states = None
-        rank, world_size = dist_info()
+        rank, world_size = get_dist_info()
         if world_size == 1:
             return
         model = runner.model.module if is_model_wrapper(runner.model) \

@@ -22,13 +22,13 @@ from __future__ import annotations
 from typing import Dict, Mapping, Optional, Union
 
 import torch
-import torch.distributed as dist
+from mmengine.dist import get_dist_info
 from mmengine.logging import MessageHub, print_log
 from mmseg.models.segmentors import EncoderDecoder
 from mmseg.registry import MODELS
 from torch import nn
 
-from ..distributed import dist_info, ranks_with
+from ..distributed import is_distributed, ranks_with
 from ..errors import NonFiniteLossError
 from ..mesa import MesaModule, MesaPolicy, mesafy_
 from .losses import FusedLossHeadMixin, fused_loss_supported
@@ -121,7 +121,7 @@ def check_finite_loss(loss: torch.Tensor,
     bad_ranks = ranks_with(~torch.isfinite(loss.detach()).all())
     if not bad_ranks:
         return
-    rank, world_size = dist_info()
+    rank, world_size = get_dist_info()
     it = MessageHub.get_current_instance().get_info('iter')
     where = f' at iteration {it + 1}' if it is not None else ''
     if world_size > 1:
@@ -171,8 +171,7 @@ class MesaEncoderDecoder(EncoderDecoder):
     def __init__(self, *args, mesa: Optional[dict] = None, fused_loss: bool = True,
                  backbone_mesa: Optional[dict] = None, **kwargs):
         super().__init__(*args, **kwargs)
-        distributed = dist.is_available() and dist.is_initialized() \
-            and dist.get_world_size() > 1
+        distributed = is_distributed()
         if backbone_mesa is not None:
             apply_backbone_mesa_(self.backbone, MesaPolicy.from_arg(backbone_mesa),
                                  convert_sync_bn=not distributed)
