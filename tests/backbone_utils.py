@@ -3,7 +3,7 @@
 Importing this module registers mesa-seg first (compat fixes must run before
 mmseg's models are imported).
 """
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import mesa_seg.register  # noqa: F401  (before any mmseg model import)
 import torch
@@ -72,3 +72,29 @@ def cloned_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """A ``state_dict`` that later training steps of ``model`` do not change
     (Mesa's running ranges are updated in place)."""
     return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def checkpointing_saved_bytes(build: Callable[[object], nn.Module],
+                              x: torch.Tensor) -> Dict[object, int]:
+    """Build ``build(False)``, ``build(True)`` and ``build('selective')`` with
+    the same weights; assert that the checkpointed ones give the outputs,
+    gradients and buffers (Mesa ranges, rounding steps, BN statistics) of the
+    unchecked one bit for bit after one step; return the bytes each saved for
+    backward, keyed by ``with_cp``."""
+    ref = build(False)
+    state = cloned_state_dict(ref)
+    outs_ref, grads_ref, nbytes_ref = fwd_bwd_saved(ref, x)
+    state_ref = cloned_state_dict(ref)
+    nbytes = {False: nbytes_ref}
+    for mode in (True, 'selective'):
+        model = build(mode)
+        model.load_state_dict(state)
+        outs, grads, nbytes[mode] = fwd_bwd_saved(model, x)
+        for o, o_ref in zip(outs, outs_ref):
+            assert torch.equal(o, o_ref), mode
+        assert grads.keys() == grads_ref.keys()
+        for name, grad in grads.items():
+            assert torch.equal(grad, grads_ref[name]), (mode, name)
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, state_ref[key]), (mode, key)
+    return nbytes
