@@ -15,13 +15,12 @@ quantizer buffers), so any mmseg Swin checkpoint loads unchanged.
 from typing import Optional, Union
 
 import torch
-from mmcv.cnn.bricks.wrappers import Linear as MMCVLinear
 from mmseg.models.backbones.swin import SwinBlock, SwinTransformer, WindowMSA
 from mmseg.registry import MODELS
-from torch import nn
 
 from ...mesa import MatMul, MesaPolicy, mesafy_
 from ..activation_checkpoint import check_with_cp, checkpoint_block
+from ..torch_layers import mmcv_to_torch_layers_
 
 __all__ = [
     'MesaWindowMSA', 'CheckpointSwinBlock', 'MesaSwinTransformer',
@@ -190,23 +189,6 @@ class MesaSwinTransformer(SwinTransformer):
                     block.attn.w_msa)
         policy = MesaPolicy.from_arg(mesa, SWIN_MESA_DEFAULTS)
         if policy.enabled:
-            _replace_mmcv_linears_(self)
+            mmcv_to_torch_layers_(self)  # mesafy_ converts exact torch types
             mesafy_(self, policy)
 
-
-def _replace_mmcv_linears_(model: nn.Module) -> None:
-    """Swap mmcv's ``Linear`` (the FFN layers) for ``nn.Linear``, sharing weights.
-
-    ``mesafy_`` converts exact torch types only, and mmcv's subclass differs
-    from ``nn.Linear`` just by an empty-input path for torch < 1.5.
-    """
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is MMCVLinear:
-                linear = nn.Linear(
-                    child.in_features,
-                    child.out_features,
-                    bias=child.bias is not None,
-                    device='meta')
-                linear.weight, linear.bias = child.weight, child.bias
-                setattr(parent, name, linear.train(child.training))
