@@ -57,14 +57,14 @@ sys.exit(int(sys.argv[-1].endswith('fail/benchmark')))
 """
 
 
-def test_memory_step_runs_the_benchmark_on_fp32_cp_and_mesa(
+def test_memory_step_runs_the_benchmark_on_fp32_fused_loss_cp_and_mesa(
         demo, tmp_path, monkeypatch, capfd):
     script = tmp_path / 'benchmark.py'
     script.write_text(FAKE_BENCHMARK)
     monkeypatch.setattr(demo, 'BENCHMARK', str(script))
     demo._benchmark(str(tmp_path / 'ok'))
     out = capfd.readouterr().out
-    assert '--models upernet_swin --strategies fp32 cp mesa --size 256 256 ' \
+    assert '--models upernet_swin --strategies fp32 fused_loss cp mesa --size 256 256 ' \
         f'--batch 2 --steps 1 --out {tmp_path}/ok/benchmark' in out
     assert 'failed' not in out
     demo._benchmark(str(tmp_path / 'fail'))
