@@ -177,7 +177,12 @@ def test_preemption_saves_stops_every_rank_and_resumes_exactly(
         assert 'SIGTERM (on rank 1; all 2 ranks stopped here): stopped after ' \
             'iteration 1 of 3, saved ' in line
         assert line.endswith('iter_1.pth; continue with --resume')
-    assert len(re.findall(r'exitcode\s+: 75 ', run.out)) == 2  # torchrun
+    # torchrun's summary: the first rank to leave exits 75; torchrun then
+    # SIGTERMs any rank still tearing down after its line (-15), a race
+    failures, _, root_cause = run.out.partition('Root Cause')
+    assert re.search(r'exitcode\s*: 75 ', root_cause), run.out[-4000:]
+    others = re.findall(r'exitcode\s*: (-?\d+) ', failures)
+    assert set(others) <= {'75', '-15'}, others
     assert [f for f in os.listdir(run.work_dir) if f.endswith('.pth')] == [
         'iter_1.pth']
     assert run.ckpt('iter_1.pth')['meta']['iter'] == 1
