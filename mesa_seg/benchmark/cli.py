@@ -334,7 +334,9 @@ def main(argv: Optional[List[str]] = None, run: Runner = run_isolated) -> int:
         write_json(board, osp.join(args.out, 'leaderboard.json'))
         write_markdown(board, osp.join(args.out, 'leaderboard.md'))
 
-    with tqdm(total=units, desc=f'{len(cells)} cells', unit='step', dynamic_ncols=True) as bar:
+    skipped = sum(c.strategy in skip for c in cells)
+    desc = f'{len(cells) - skipped} cells' + (f' ({skipped} skipped)' if skipped else '')
+    with tqdm(total=units, desc=desc, unit='step', dynamic_ncols=True) as bar:
         rows, raw = run_cells(cells, common, args.out, bar, args.timeout, run, write_partial,
                               skip)
         if args.sweep:
