@@ -236,6 +236,7 @@ def test_failed_cell_reported_others_complete(tmp_path, capsys):
 def test_amp_cells_skipped_on_a_cpu_without_bf16(tmp_path, monkeypatch):
     run = FakeRunner()
     out = str(tmp_path / 'out')
+    monkeypatch.setattr(cli, 'cpu_native_bf16', lambda: None)  # flags unreadable
     monkeypatch.setattr(cli, 'cpu_bf16_slowdown', lambda: 50.0)
     code = cli.main(['--models', TINY, '--strategies', 'amp', 'mesa', 'mesa_amp',
                      '--out', out], run=run)
@@ -264,6 +265,26 @@ def test_amp_cells_skipped_on_a_cpu_without_bf16(tmp_path, monkeypatch):
         is None
     assert cli.amp_skip_reason(cli.parse_args(['--strategies', 'amp', '--device', 'cuda'])) \
         is None
+
+    # readable x86 flags decide without a timing probe
+    monkeypatch.setattr(cli, 'cpu_bf16_slowdown', lambda: 1.0)
+    monkeypatch.setattr(cli, 'cpu_native_bf16', lambda: False)
+    assert cli.amp_skip_reason(cli.parse_args(['--strategies', 'amp'])).startswith(
+        'this CPU has no native bf16 arithmetic (none of avx512_bf16, amx_bf16')
+    monkeypatch.setattr(cli, 'cpu_bf16_slowdown', lambda: 50.0)
+    monkeypatch.setattr(cli, 'cpu_native_bf16', lambda: True)
+    assert cli.amp_skip_reason(cli.parse_args(['--strategies', 'amp'])) is None
+
+
+def test_cpu_native_bf16_reads_the_flags(tmp_path):
+    info = tmp_path / 'cpuinfo'
+    info.write_text('processor\t: 0\nflags\t\t: fpu avx2 avx512f\n')
+    assert cli.cpu_native_bf16(str(info)) is False
+    info.write_text('processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n')
+    assert cli.cpu_native_bf16(str(info)) is True
+    info.write_text('processor\t: 0\nFeatures\t: fp asimd\n')  # arm64: no x86 flags
+    assert cli.cpu_native_bf16(str(info)) is None
+    assert cli.cpu_native_bf16(str(tmp_path / 'absent')) is None
 
 
 def test_cuda_sweep_budget_is_reserved_memory(tmp_path):

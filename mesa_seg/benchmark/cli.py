@@ -21,7 +21,6 @@ import json
 import os
 import os.path as osp
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -144,10 +143,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 Runner = Callable[..., Dict]
 
 
-def cpu_bf16_slowdown(repeat: int = 3) -> float:
+def cpu_bf16_slowdown(repeat: int = 5) -> float:
     """How many times slower this CPU runs a small bf16 convolution and batched
-    matrix product than fp32 (the larger ratio; medians of ``repeat`` runs
-    after one warm-up)."""
+    matrix product than fp32 (the larger ratio; fastest of ``repeat`` runs
+    after one warm-up: on a loaded machine a median mixes in other processes'
+    time slices and once let a 25x slowdown pass as under 8x)."""
     import torch
     import torch.nn.functional as F
     g = torch.Generator().manual_seed(0)
@@ -160,7 +160,7 @@ def cpu_bf16_slowdown(repeat: int = 3) -> float:
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-        return statistics.median(times[1:])
+        return min(times[1:])
 
     ratios = []
     for op, args in ((lambda x, w: F.conv2d(x, w, padding=1), (x, w)), (torch.bmm, (a, b))):
@@ -168,6 +168,24 @@ def cpu_bf16_slowdown(repeat: int = 3) -> float:
         bf16_args = [t.to(torch.bfloat16) for t in args]
         ratios.append(seconds(lambda: op(*bf16_args)) / max(fp32, 1e-9))
     return max(ratios)
+
+
+#: x86 CPU flags of native bf16 arithmetic (dot products / tile matrix units)
+NATIVE_BF16_FLAGS = ('avx512_bf16', 'amx_bf16')
+
+
+def cpu_native_bf16(cpuinfo: str = '/proc/cpuinfo') -> Optional[bool]:
+    """Whether this x86 CPU has native bf16 arithmetic (from its flags), or
+    None where the flags cannot be read (other OS or architecture)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(':', 1)[1].split() for line in f
+                          if line.startswith('flags')), None)
+    except OSError:
+        return None
+    if flags is None:
+        return None
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
 
 
 def amp_skip_reason(args) -> Optional[str]:
@@ -178,6 +196,15 @@ def amp_skip_reason(args) -> Optional[str]:
         return 'AMP on CPU skipped (--cpu-amp skip)'
     if args.cpu_amp == 'run':
         return None
+    native = cpu_native_bf16()
+    if native is not None:
+        # The flags decide: a timing probe of small ops is at the mercy of the
+        # machine's load (it once read 1.2x on a CPU whose bf16 runs 25x slower).
+        return None if native else (
+            f'this CPU has no native bf16 arithmetic (none of {", ".join(NATIVE_BF16_FLAGS)} '
+            'in its flags): torch runs bf16 convolutions and matrix products in slow '
+            'reference kernels, so an AMP step would take far longer than an fp32 one; '
+            'measure AMP on a GPU, or pass --cpu-amp run')
     slowdown = cpu_bf16_slowdown()
     if slowdown <= SLOW_BF16:
         return None

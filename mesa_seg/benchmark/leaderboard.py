@@ -265,7 +265,7 @@ def _header(board: Dict) -> List[str]:
         f"step{'s' * (s['steps'] != 1)} after {s['warmup']} warm-up, seed {s['seed']}; "
         f"torch {m['torch']}, mmseg "
         f"{m['mmseg']}, mmengine {m['mmengine']}, Python {m['python']}, "
-        f"{m.get('torch_threads', '?')} torch threads on {m['cpu_count']} CPUs, Mesa kernels: "
+        f"{m.get('torch_threads') or '?'} torch threads on {m['cpu_count']} CPUs, Mesa kernels: "
         f"{m.get('mesa_backend') or '–'}; {board.get('date') or ''}.",
         '',
         'Reproduce:',
