@@ -138,6 +138,10 @@ _FAMILIES: Tuple[_Family, ...] = (
     _Family('MixVisionTransformer', 'MesaMixVisionTransformer', 'MesaMixVisionTransformer'),
     _Family('VisionTransformer', 'MesaVisionTransformer', 'MesaVisionTransformer'),
 )
+# Options of the Mesa backbones that change the model (torch's fused attention
+# instead of mmseg's explicit one): part of a Mesa strategy, so the others,
+# which promise mmseg's model, drop them.
+_MESA_ONLY_BACKBONE_KEYS = ('fused_attention',)
 _SEGMENTORS = ('EncoderDecoder', 'MesaEncoderDecoder')
 _OPTIM_WRAPPERS = ('OptimWrapper', 'AmpOptimWrapper', 'CPUAmpOptimWrapper')
 
@@ -209,6 +213,9 @@ def _apply_backbone(model, s: Strategy) -> None:
             backbone['mesa'] = _mesa_policy(backbone) if s.mesa else None
         else:
             backbone.pop('mesa', None)
+        if not s.mesa:
+            for key in _MESA_ONLY_BACKBONE_KEYS:
+                backbone.pop(key, None)
     if s.checkpointing:
         backbone['with_cp'] = s.checkpointing
     else:

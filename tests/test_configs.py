@@ -32,6 +32,8 @@ EXPECTED = [
                  'segformer_mit_b2', 'upernet_deit_s')
     for suffix in ('', '_mesa')
 ] + ['configs/upernet_swin_amp.py', 'configs/upernet_swin_mesa_amp.py',
+     'configs/segformer_mit_b0_mesa_fused_attn.py',
+     'configs/upernet_deit_s_mesa_fused_attn.py',
      'configs/demo/upernet_swin_demo.py', 'configs/demo/upernet_swin_mesa_demo.py']
 
 

@@ -104,6 +104,8 @@ def _model(path):
     ('configs/upernet_swin_mesa_amp.py', 'configs/upernet_swin.py'),
     ('configs/segformer_mit_b0_mesa.py', 'configs/segformer_mit_b0.py'),
     ('configs/upernet_deit_s_mesa.py', 'configs/upernet_deit_s.py'),
+    ('configs/segformer_mit_b0_mesa_fused_attn.py', 'configs/segformer_mit_b0.py'),
+    ('configs/upernet_deit_s_mesa_fused_attn.py', 'configs/upernet_deit_s.py'),
 ])
 def test_strategies_are_absolute(mesa_config, baseline):
     """fp32 on a Mesa config is the baseline config; mesa on the baseline is the
@@ -112,7 +114,7 @@ def test_strategies_are_absolute(mesa_config, baseline):
     base = _model(baseline)
     assert fp32.model.to_dict() == base.model.to_dict()
     assert fp32.optim_wrapper.to_dict() == base.optim_wrapper.to_dict()
-    if not mesa_config.endswith('_amp.py'):
+    if not mesa_config.endswith(('_amp.py', '_fused_attn.py')):
         mesa = apply_strategy(_model(baseline), 'mesa')
         assert mesa.model.to_dict() == _model(mesa_config).model.to_dict()
 
@@ -185,6 +187,13 @@ def test_every_knob_is_set_whatever_the_config_had():
             type=twin, mesa=dict())
         assert apply_strategy(copy.deepcopy(cfg), 'cp').model.backbone.to_dict() == dict(
             type=base, with_cp=True)
+        # torch's fused attention is a Mesa option: kept by Mesa strategies only
+        fused = Config(dict(model=dict(backbone=dict(type=twin, fused_attention=True)),
+                            optim_wrapper=dict(type='OptimWrapper', optimizer=sgd)))
+        for name, kept in (('mesa', True), ('mesa_cp', True), ('fp32', False),
+                           ('sac', False), ('cp', False), ('fused_loss', False)):
+            backbone = apply_strategy(copy.deepcopy(fused), name).model.backbone
+            assert ('fused_attention' in backbone) is kept, name
 
 
 def _resnet():
