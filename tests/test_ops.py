@@ -49,6 +49,10 @@ CASES = {
                                    ((2, 8, 12, 12),), groups=4),
     'conv2d_grouped_zeros': Case(lambda: nn.Conv2d(8, 16, 3, padding=1, groups=4),
                                  ((2, 8, 12, 12),), groups=4),
+    # An even kernel's 'same' padding is asymmetric (1 before, 2 after).
+    'conv2d_same_even_replicate': Case(lambda: nn.Conv2d(8, 8, 4, padding='same',
+                                                         padding_mode='replicate'),
+                                       ((2, 8, 12, 12),), groups=2),
     'conv2d_same_circular': Case(lambda: nn.Conv2d(8, 8, (3, 5), padding='same', bias=False,
                                                    padding_mode='circular'),
                                  ((2, 8, 12, 12),)),
@@ -97,17 +101,7 @@ def _assert_state_equal(ref, model):
 
 
 # ---------------------------------------------------------------- fp32 vs torch
-# MesaConv2d pads outside the autograd Function with F.pad: reflection_pad2d
-# saves its full-precision input for backward, so the reflect case saves
-# 1/4 + 1 of torch's input instead of 1/4 (torch itself saves both).
-_REFLECT_PAD_SAVES_FP32 = pytest.mark.xfail(
-    reason='core bug: reflect padding keeps the fp32 input alive (F.pad backward)',
-    strict=True)
-
-
-@pytest.mark.parametrize('name', [
-    pytest.param(n, marks=_REFLECT_PAD_SAVES_FP32) if n == 'conv2d_grouped_reflect' else n
-    for n in CASES])
+@pytest.mark.parametrize('name', CASES)
 def test_op_matches_torch(name, backend):
     case = CASES[name]
     ref, model, xs = case.build()
@@ -123,6 +117,10 @@ def test_op_matches_torch(name, backend):
     lo, hi = _bytes_ratio_bounds(name, torch.float32)
     if name == 'matmul_broadcast_batch':
         lo = 0  # torch saves the broadcast (expanded) operand; Mesa the original
+    if name in ('conv2d_grouped_reflect', 'conv2d_same_even_replicate'):
+        # torch keeps the unpadded input too (the pad's backward reads its
+        # shape from it); Mesa keeps only the padded one, in 8 bits.
+        bytes_ref -= xs[0].numel() * xs[0].element_size()
     assert lo <= nbytes / bytes_ref <= hi, f'{name}: saved {nbytes} B vs torch {bytes_ref} B'
 
 
@@ -407,3 +405,42 @@ def test_channel_blocks_dequantize_to_the_whole_input():
     assert ops._channel_blocks(torch.Size((2, 2048, 128, 128)), torch.float32, 1) == 8
     assert ops._channel_blocks(torch.Size((2, 2048, 128, 128)), torch.float32, 4) == 1
     assert ops._channel_blocks(torch.Size((2, 96, 128, 128)), torch.float32, 1) == 1
+
+
+@pytest.mark.parametrize('mode', ['reflect', 'replicate', 'circular'])
+@pytest.mark.parametrize('layout', ['contiguous', 'channels_last', 'unbatched'])
+def test_conv_padding_keeps_no_input_and_has_torch_gradient(mode, layout):
+    # The pad before a Mesa conv: torch's output and input gradient bit for bit,
+    # with nothing saved (torch's reflect/replicate keep their whole input).
+    from mesa_seg.mesa import ops
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 6)
+    if layout == 'channels_last':
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == 'unbatched':
+        x = x[0]
+    x.requires_grad_(True)
+    pad = (1, 2, 2, 1)
+    y_ref = torch.nn.functional.pad(x, pad, mode=mode)
+    y, nbytes = saved_bytes(lambda: ops.pad2d(x, pad, mode))
+    assert torch.equal(y, y_ref) and nbytes == 0
+    gy = torch.randn_like(y)
+    assert torch.equal(torch.autograd.grad(y, x, gy)[0], torch.autograd.grad(y_ref, x, gy)[0])
+
+
+@pytest.mark.parametrize('name', ['batch_norm', 'batch_norm_no_stats'])
+def test_batch_norm_channels_last(name):
+    # Backward runs in the forward's layout (cuDNN picks its mode from it).
+    case = CASES[name]
+    ref, model, (leaf,) = case.build()
+    x = leaf.contiguous(memory_format=torch.channels_last)
+    results = []
+    for m in (ref, model):
+        y = m(x)
+        torch.manual_seed(1)
+        results.append((y, torch.autograd.grad(y, [leaf, *m.parameters()], torch.randn_like(y))))
+    (y_ref, g_ref), (y, g) = results
+    assert torch.equal(y, y_ref)
+    _assert_state_equal(ref, model)
+    for i, (a, b) in enumerate(zip(g_ref, g)):
+        assert_grad_close(a, b, f'{name} grad {i}')

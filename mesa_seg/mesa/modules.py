@@ -138,8 +138,9 @@ class MesaConv2d(MesaModule, nn.Conv2d):
     """:class:`torch.nn.Conv2d` storing its input in 8 bits (groups on channels).
 
     Constructor arguments: see :class:`MesaModule` (``groups`` is the
-    convolution's; the Mesa groups are ``mesa_config.groups``). String padding
-    that is not symmetric (``'same'`` with an even kernel extent) runs the plain op.
+    convolution's; the Mesa groups are ``mesa_config.groups``). Zero padding
+    given as a string that is not symmetric (``'same'`` with an even kernel
+    extent) runs the plain op; the other padding modes pad first, as torch does.
     """
     _float_type = nn.Conv2d
     _group_dim = 1
@@ -156,12 +157,17 @@ class MesaConv2d(MesaModule, nn.Conv2d):
         return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
 
     def forward(self, x):
-        padding = self._int_padding()
-        if not self._use_mesa(x) or padding is None:
+        if not self._use_mesa(x):
             return super().forward(x)
         if self.padding_mode != 'zeros':
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            # As torch's Conv2d: pad (any 'same' split included), then convolve
+            # unpadded; the padded input is the one stored in 8 bits.
+            x = ops.pad2d(x, self._reversed_padding_repeated_twice, self.padding_mode)
             padding = (0, 0)
+        else:
+            padding = self._int_padding()
+            if padding is None:
+                return super().forward(x)
         return ops.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation,
                           self.groups, self.quantizer)
 
@@ -239,6 +245,7 @@ class MesaBatchNorm2d(MesaModule, nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average, as torch does
                 factor = 1.0 / float(self.num_batches_tracked)
+        F._verify_batch_size(x.size())  # torch's error for one value per channel
         return ops.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
                               factor, self.eps, self.quantizer)
 

@@ -6,7 +6,7 @@ Every op follows one pattern:
   dtype rules autocast would apply (we cast explicitly, then disable autocast);
 * it saves only the quantized input (``Packed``: uint8 codes + per-group range)
   plus parameters and tiny per-row statistics (LayerNorm mean/rstd, BatchNorm
-  batch mean/invstd) — ReLU saves a 1-bit mask;
+  batch mean/invstd and cuDNN's reserve) — ReLU saves a 1-bit mask;
 * backward dequantizes and calls torch's own backward kernels.
 
 The functional entry points take the layer's :class:`ActivationQuantizer`,
@@ -25,7 +25,8 @@ from torch.autograd import Function
 from .primitives import pack_bits, unpack_bits
 from .quantizer import ActivationQuantizer, Packed
 
-__all__ = ['linear', 'conv2d', 'layer_norm', 'gelu', 'softmax', 'matmul', 'batch_norm', 'relu']
+__all__ = ['linear', 'conv2d', 'pad2d', 'layer_norm', 'gelu', 'softmax', 'matmul', 'batch_norm',
+           'relu']
 
 
 # ----------------------------------------------------------------- dtype rules
@@ -46,6 +47,22 @@ def _compute_dtype(x: torch.Tensor, autocast_to: str) -> torch.dtype:
 
 def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _autocast_copy(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """``t`` cast as autocast casts it in torch's own (grad-recording) forward,
+    where the copy requires grad exactly when ``t`` does.
+
+    A Function's forward runs without grad, so a plain cast would drop the flag,
+    and kernel choices read it: ``matmul`` (``F.linear`` of a strided batch too)
+    folds a batch @ matrix into one ``mm`` when the matrix requires grad, copying
+    the batch if need be; otherwise a batch that does not fold as a view goes to
+    a broadcast ``bmm`` (another accumulation order: other low-precision bits).
+    """
+    copy = _cast(t, dtype)
+    if copy is not t and t.requires_grad:
+        copy.requires_grad_(True)  # a leaf made under no_grad: nothing is recorded
+    return copy
 
 
 def _no_autocast(x: torch.Tensor):
@@ -81,7 +98,7 @@ class _Linear(Function):
         dt = _compute_dtype(x, 'lower')
         with _no_autocast(x):
             xc = _cast(x, dt)
-            y = F.linear(xc, _cast(weight, dt), _cast(bias, dt))
+            y = F.linear(xc, _autocast_copy(weight, dt), _autocast_copy(bias, dt))
         _save(ctx, _pack_if(ctx.needs_input_grad[1], quantizer, xc), weight)
         ctx.meta = (xc.shape, dt, x.dtype, bias is not None)
         return y
@@ -191,6 +208,37 @@ def conv2d(x, weight, bias, stride, padding, dilation, groups, quantizer):
                          groups, quantizer)
 
 
+# ------------------------------------------------------------------------- pad
+#: Paddings whose torch backward keeps the full-precision input (for its shape
+#: alone); circular and constant padding save nothing.
+_PAD_BACKWARD = {
+    'reflect': torch.ops.aten.reflection_pad2d_backward,
+    'replicate': torch.ops.aten.replication_pad2d_backward,
+}
+
+
+class _Pad2d(Function):
+    @staticmethod
+    def forward(ctx, x, pad, mode):
+        ctx.meta = (x.shape, pad, mode)
+        return F.pad(x, pad, mode=mode)
+
+    @staticmethod
+    def backward(ctx, gy):
+        shape, pad, mode = ctx.meta
+        # The backward kernel reads only the input's shape: a stride-0 stand-in.
+        shape_only = gy.new_zeros(()).expand(shape)
+        return _PAD_BACKWARD[mode](gy, shape_only, list(pad)), None, None
+
+
+def pad2d(x, pad: Sequence[int], mode: str):
+    """``F.pad(x, pad, mode)`` of a conv input (4 pad ints) that keeps no copy of
+    ``x`` for backward, so a padded Mesa conv stores only its 8-bit input."""
+    if mode not in _PAD_BACKWARD:
+        return F.pad(x, pad, mode=mode)
+    return _Pad2d.apply(x, tuple(pad), mode)
+
+
 # ------------------------------------------------------------------ layer_norm
 class _LayerNorm(Function):
     @staticmethod
@@ -274,7 +322,9 @@ class _MatMul(Function):
     def forward(ctx, a, b, quantizer_a, quantizer_b):
         dt = _compute_dtype(a, 'lower')
         with _no_autocast(a):
-            ac, bc = _cast(a, dt), _cast(b, dt)
+            # Flags as in torch's forward: a batch @ matrix folds to one mm only
+            # when the matrix requires grad.
+            ac, bc = _autocast_copy(a, dt), _autocast_copy(b, dt)
             y = torch.matmul(ac, bc)
         # d(a@b)/da reads b and d(a@b)/db reads a.
         pa = _pack_if(ctx.needs_input_grad[1], quantizer_a, ac)
@@ -309,22 +359,40 @@ class _BatchNorm(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, quantizer):
         with _no_autocast(x):
-            y, save_mean, save_invstd = torch.native_batch_norm(
-                x, weight, bias, running_mean, running_var, True, momentum, eps)
-        _save(ctx, quantizer.pack(x), weight, save_mean, save_invstd)
-        ctx.meta = (x.shape, x.dtype, eps, weight is not None)
+            # F.batch_norm's own dispatch (cuDNN, MIOpen or native, as torch picks
+            # for this input): the same kernel, so the same bits and the same
+            # running-statistics update.
+            y, save_mean, save_var, reserve, impl_index = \
+                torch.ops.aten._batch_norm_impl_index(
+                    x, weight, bias, running_mean, running_var, True, momentum, eps,
+                    torch.backends.cudnn.enabled)
+        _save(ctx, quantizer.pack(x), weight, save_mean, save_var, reserve)
+        # The output has the layout the kernel ran in (contiguous or channels-last).
+        ctx.meta = (x.shape, x.dtype, y.stride(), eps, impl_index)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        packed, (weight, save_mean, save_invstd) = _load(ctx)
-        shape, dtype, eps, affine = ctx.meta
+        packed, (weight, save_mean, save_var, reserve) = _load(ctx)
+        shape, dtype, layout, eps, impl_index = ctx.meta
         need = ctx.needs_input_grad
-        x_hat = ActivationQuantizer.unpack(packed, shape, dtype)
-        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            gy.contiguous(), x_hat, weight, None, None, save_mean, save_invstd, True, eps,
-            [need[0], affine and need[1], affine and need[2]])
+        # Backward in the forward's layout: cuDNN picks its mode (and so what the
+        # reserve holds) from the input's layout.
+        x_hat = _restride(ActivationQuantizer.unpack(packed, shape, dtype), layout)
+        affine = weight is not None
+        grads = torch.ops.aten._batch_norm_impl_index_backward(
+            impl_index, x_hat, _restride(gy, layout), weight, None, None, save_mean, save_var,
+            True, eps, [need[0], affine and need[1], affine and need[2]], reserve)
+        # cuDNN computes all three whatever the mask: hand back only those asked for.
+        gx, gw, gb = (g if n else None for g, n in zip(grads, need[:3]))
         return gx, gw, gb, None, None, None, None, None
+
+
+def _restride(t: torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
+    """``t`` laid out with ``stride`` (copied only if it is not already)."""
+    if t.stride() == tuple(stride):
+        return t
+    return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
 
 
 def batch_norm(x, weight, bias, running_mean, running_var, momentum: float, eps: float,
