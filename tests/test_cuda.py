@@ -93,6 +93,8 @@ def _cases():
         'Softmax': (lambda: nn.Softmax(dim=-1), [(4, 2, 49, 49)], 2),
         'MatMul': (lambda: MatMul(), [(4, 2, 49, 16), (4, 2, 16, 49)], 2),
         'BatchNorm2d': (lambda: nn.BatchNorm2d(16), [(2, 16, 12, 12)], 1),
+        # no process group: torch's and Mesa's SyncBatchNorm both run local batch norm
+        'SyncBatchNorm': (lambda: nn.SyncBatchNorm(16), [(2, 16, 12, 12)], 1),
         'ReLU': (lambda: nn.ReLU(), [(2, 16, 12, 12)], 1),
         'MultiheadAttention': (lambda: nn.MultiheadAttention(32, 2, batch_first=True),
                                [(4, 49, 32)] * 3, 2),

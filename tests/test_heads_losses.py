@@ -12,7 +12,9 @@ from mmseg.registry import MODELS
 from mmseg.structures import SegDataSample
 from mmseg.utils import register_all_modules
 
-from mesa_seg.mesa import MesaBatchNorm2d, MesaConv2d, MesaModule, audit_saved_tensors
+from mesa_seg.mesa import (QUANTIZER_ATTRS, MesaBatchNorm2d, MesaConv2d, MesaModule,
+                           MesaSyncBatchNorm, audit_saved_tensors)
+from mesa_seg.models import losses as fused_losses
 from mesa_seg.models.losses import _accuracy_from_pred, resize_cross_entropy
 
 register_all_modules(init_default_scope=True)
@@ -83,6 +85,53 @@ def test_resize_cross_entropy_keeps_only_low_resolution_logits():
         _mmseg_loss(logits, label, False, False)
     unfused = sum(t.numel() * t.element_size() for t in saved if t.is_floating_point())
     assert unfused >= 2 * NUM_CLASSES * SIZE * SIZE * 4  # log-probabilities at label size
+
+
+def _loss_grad_and_saved_labels(logits, label, ignore_index):
+    """Fused loss, its gradient, and the integer tensors it saved for backward."""
+    saved = []
+
+    def pack(t):
+        if not t.is_floating_point():
+            saved.append(t)
+        return t
+
+    x = logits.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = resize_cross_entropy(x, label, ignore_index=ignore_index)
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss, grad, saved
+
+
+@pytest.mark.parametrize('num_classes, ignore_index, stored', [
+    (NUM_CLASSES, IGNORE, torch.uint8),
+    (300, IGNORE, torch.int16),        # ADE20K-full's 847 classes: int16 too
+    (NUM_CLASSES, -100, torch.int16),  # torch's default ignore_index is negative
+])
+def test_labels_saved_compact_with_loss_and_gradient_unchanged(monkeypatch, num_classes,
+                                                               ignore_index, stored):
+    torch.manual_seed(0)
+    logits = torch.randn(2, num_classes, SIZE // 4, SIZE // 4)
+    label = torch.randint(0, num_classes, (2, SIZE, SIZE))
+    label[:, :5] = ignore_index
+    loss, grad, saved = _loss_grad_and_saved_labels(logits, label, ignore_index)
+    # one label tensor, ``stored.itemsize`` bytes per pixel (uint8: 1 instead of 8)
+    assert [(t.dtype, t.shape) for t in saved] == [(stored, label.shape)]
+    assert saved[0].untyped_storage().nbytes() == label.numel() * stored.itemsize
+    # Bit for bit what saving the int64 labels themselves gave.
+    monkeypatch.setattr(fused_losses, '_label_storage_dtype', lambda n, i, dtype: dtype)
+    loss_int64, grad_int64, saved_int64 = _loss_grad_and_saved_labels(logits, label,
+                                                                      ignore_index)
+    assert [t.dtype for t in saved_int64] == [torch.int64]
+    assert torch.equal(loss, loss_int64) and torch.equal(grad, grad_int64)
+    # and torch's cross-entropy of the upsampled logits (mean over all pixels)
+    x = logits.clone().requires_grad_()
+    up = F.interpolate(x, size=label.shape[-2:], mode='bilinear', align_corners=False)
+    ref = F.cross_entropy(up, label, ignore_index=ignore_index, reduction='sum') / (
+        label.numel() + torch.finfo(torch.float32).eps)
+    (ref_grad,) = torch.autograd.grad(ref, x)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
 
 
 def test_accuracy_from_pred_matches_mmseg_accuracy():
@@ -221,6 +270,31 @@ def test_syncbn_becomes_mesa_bn_in_a_single_process():
     model = MODELS.build(_segmentor_cfg(mesa=dict(groups='channels'), norm='SyncBN'))
     bns = [m for m in model.decode_head.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert bns and all(type(m) is MesaBatchNorm2d for m in bns)
+
+
+def test_syncbn_becomes_mesa_sync_bn_in_a_distributed_run(monkeypatch):
+    from mesa_seg.models import segmentors
+    monkeypatch.setattr(segmentors, 'is_distributed', lambda: True)
+    logs = []
+    monkeypatch.setattr(segmentors, 'print_log', lambda msg, **kw: logs.append(msg))
+    plain = MODELS.build(_segmentor_cfg(mesa=None, fused_loss=False, norm='SyncBN'))
+    plain_bns = [m for m in plain.decode_head.modules()
+                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    # mmcv's SyncBN is mmengine's subclass of torch's, not torch's class itself
+    assert plain_bns and all(isinstance(m, torch.nn.SyncBatchNorm)
+                             and type(m) is not torch.nn.SyncBatchNorm for m in plain_bns)
+    model = MODELS.build(_segmentor_cfg(mesa=dict(groups='channels'), norm='SyncBN'))
+    bns = [m for part in (model.decode_head, model.auxiliary_head) for m in part.modules()
+           if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(type(m) is MesaSyncBatchNorm for m in bns)
+    assert all(m.quantizer.groups == m.num_features for m in bns)
+    weights = {k for k in model.state_dict() if k.rsplit('.', 2)[-2] not in QUANTIZER_ATTRS}
+    assert weights == set(plain.state_dict())
+    assert not logs
+    # a head policy that leaves them out says so
+    MODELS.build(_segmentor_cfg(mesa=dict(layers=['Conv2d', 'ReLU']), norm='SyncBN'))
+    assert any('SyncBatchNorm layer(s) of the neck/heads stay in full precision' in m
+               for m in logs)
 
 
 def test_bad_mesa_option_in_segmentor_is_a_clear_error():

@@ -247,7 +247,9 @@ def test_converter_swaps_every_layer_type():
     _, model = _net_pair()
     kinds = {type(m).__name__ for _, m in mesa_modules(model)}
     # Net has no MultiheadAttention (its conversion: tests/test_attention.py)
-    assert kinds == {'Mesa' + t for t in LAYER_TYPES} - {'MesaMultiheadAttention'}
+    # nor SyncBatchNorm (tests/test_sync_batchnorm.py)
+    assert kinds == {'Mesa' + t for t in LAYER_TYPES} - {'MesaMultiheadAttention',
+                                                         'MesaSyncBatchNorm'}
     assert not any(type(m) in {t for t, _ in LAYER_TYPES.values()} for m in model.modules())
     assert model.block.norm1.eps == 1e-6 and model.relu.inplace
     # Converting again finds nothing new (exact type match).

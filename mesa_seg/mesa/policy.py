@@ -17,6 +17,7 @@ from .attention import MesaMultiheadAttention
 from .config import QuantizerConfig
 from .modules import (MatMul, MesaBatchNorm2d, MesaConv2d, MesaGELU, MesaLayerNorm,
                       MesaLinear, MesaMatMul, MesaModule, MesaReLU, MesaSoftmax)
+from .sync_batchnorm import MesaSyncBatchNorm
 
 __all__ = ['MesaPolicy', 'LAYER_TYPES', 'QUANTIZER_ATTRS', 'mesafy_', 'set_mesa_enabled',
            'mesa_modules']
@@ -30,6 +31,7 @@ LAYER_TYPES: Dict[str, Tuple[type, type]] = {
     'Softmax': (nn.Softmax, MesaSoftmax),
     'MatMul': (MatMul, MesaMatMul),
     'BatchNorm2d': (nn.BatchNorm2d, MesaBatchNorm2d),
+    'SyncBatchNorm': (nn.SyncBatchNorm, MesaSyncBatchNorm),
     'ReLU': (nn.ReLU, MesaReLU),
     'MultiheadAttention': (nn.MultiheadAttention, MesaMultiheadAttention),
 }
@@ -58,9 +60,9 @@ class MesaPolicy:
             ``'heads'``: the ``num_heads`` of the innermost enclosing module that
             has one (the module itself included), 1 where none has.
             ``'channels'``: one group per input channel for layers that declare
-            their channels (Linear, Conv2d, LayerNorm, BatchNorm2d; the
-            in-projection inputs of MultiheadAttention), 1 for the
-            others — suits conv heads, where BatchNorm's per-channel statistics
+            their channels (Linear, Conv2d, LayerNorm, BatchNorm2d,
+            SyncBatchNorm; the in-projection inputs of MultiheadAttention), 1
+            for the others — suits conv heads, where BatchNorm's per-channel statistics
             over few pixels (e.g. pooled 1x1 maps) need per-channel ranges.
             An int must divide the channels of each converted layer that
             declares them, and, for attention Softmax/MatMul (grouped by head),

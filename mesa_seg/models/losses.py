@@ -7,7 +7,10 @@ backbone keeps. :func:`resize_cross_entropy` keeps only the low-resolution
 logits and, in backward, recomputes upsampling + log-softmax one image at a
 time. Nothing is quantized: loss and gradients equal mmseg's up to float
 summation order, and the transient full-resolution tensors of backward are
-1/B of the unfused ones.
+1/B of the unfused ones. The full-resolution labels it keeps for backward are
+stored in the smallest integer type that holds every class and the ignore
+index (uint8 for up to 255 classes with ignore_index 255): 1 byte per pixel
+instead of int64's 8.
 """
 from __future__ import annotations
 
@@ -35,6 +38,23 @@ def _upsample_classes_last(logits_i: torch.Tensor, size: Tuple[int, int],
     return up, up.permute(0, 2, 3, 1)
 
 
+#: Candidates for the stored labels, smallest first.
+_LABEL_DTYPES = (torch.uint8, torch.int16, torch.int32)
+
+
+def _label_storage_dtype(num_classes: int, ignore_index: int,
+                         dtype: torch.dtype) -> torch.dtype:
+    """The smallest integer dtype holding ``0 .. num_classes - 1`` and
+    ``ignore_index`` (``dtype`` itself if none is smaller). The forward's gather
+    rejects any other label value, so the round trip is exact."""
+    low, high = min(0, ignore_index), max(num_classes - 1, ignore_index)
+    for candidate in _LABEL_DTYPES:
+        info = torch.iinfo(candidate)
+        if info.min <= low and high <= info.max and candidate.itemsize < dtype.itemsize:
+            return candidate
+    return dtype
+
+
 def _valid_and_index(label_i: torch.Tensor, ignore_index: int):
     valid = label_i != ignore_index
     return valid, torch.where(valid, label_i, 0).unsqueeze(-1)
@@ -54,8 +74,10 @@ class _ResizeCrossEntropy(Function):
                 nll = -z.log_softmax(-1).gather(-1, index).squeeze(-1)
                 total = total + torch.where(valid, nll, 0.0).sum()
                 preds.append(z.argmax(-1) if with_pred else None)
-        ctx.save_for_backward(logits, label)
-        ctx.meta = (size, align_corners, ignore_index, avg_factor)
+        # Valid labels only got here (gather checks its indices): narrowing is exact.
+        stored = label.to(_label_storage_dtype(logits.shape[1], ignore_index, label.dtype))
+        ctx.save_for_backward(logits, stored)
+        ctx.meta = (size, align_corners, ignore_index, avg_factor, label.dtype)
         # The predictions come from the same upsampled logits (accuracy needs no
         # second upsampling pass); they carry no gradient.
         pred = torch.cat(preds) if with_pred else label.new_empty(0)
@@ -64,8 +86,8 @@ class _ResizeCrossEntropy(Function):
 
     @staticmethod
     def backward(ctx, grad, _grad_pred):
-        logits, label = ctx.saved_tensors
-        size, align_corners, ignore_index, avg_factor = ctx.meta
+        logits, stored = ctx.saved_tensors
+        size, align_corners, ignore_index, avg_factor, label_dtype = ctx.meta
         grad_logits = torch.empty_like(logits)
         for i in range(logits.shape[0]):
             with torch.enable_grad():
@@ -74,7 +96,9 @@ class _ResizeCrossEntropy(Function):
             with torch.no_grad():
                 # d(-log_softmax[label]) / dz = softmax - onehot(label), zero where
                 # ignored: one softmax pass instead of re-running the loss graph.
-                valid, index = _valid_and_index(label[i:i + 1], ignore_index)
+                # One image's labels widened back at a time (gather wants int64).
+                label_i = stored[i:i + 1].to(label_dtype)
+                valid, index = _valid_and_index(label_i, ignore_index)
                 g = z.softmax(-1)
                 g.scatter_add_(-1, index, torch.full_like(index, -1, dtype=g.dtype))
                 g.mul_((valid * (grad / avg_factor)).unsqueeze(-1).to(g.dtype))

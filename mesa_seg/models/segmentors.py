@@ -36,7 +36,7 @@ from .torch_layers import mmcv_to_torch_layers_
 
 __all__ = [
     'MesaEncoderDecoder', 'HEAD_MESA_DEFAULTS', 'check_finite_loss',
-    'convert_sync_bn_to_bn2d', 'apply_backbone_mesa_'
+    'convert_sync_bn_to_bn2d', 'apply_backbone_mesa_', 'sync_bn_wrappers_to_torch_'
 ]
 
 # Conv heads: per-channel ranges (BatchNorm's per-channel statistics over few
@@ -77,6 +77,26 @@ def convert_sync_bn_to_bn2d(module: nn.Module) -> nn.Module:
     return module
 
 
+def sync_bn_wrappers_to_torch_(module: nn.Module) -> int:
+    """Give torch's ``SyncBatchNorm`` class back to mmengine's wrapper of it, in
+    place; returns how many layers changed.
+
+    mmcv's ``SyncBN`` norm layer builds mmengine's ``SyncBatchNorm``, a subclass
+    of torch's that only re-checks the input's dims for parrots (on torch it
+    calls torch's check). Mesa converts exact torch types, so without this the
+    SyncBN layers of a distributed run would stay in full precision.
+    """
+    from mmengine.utils.dl_utils.parrots_wrapper import SyncBatchNorm as Wrapper
+    if Wrapper.__bases__ != (nn.SyncBatchNorm, ):
+        return 0
+    changed = 0
+    for child in module.modules():
+        if type(child) is Wrapper:
+            child.__class__ = nn.SyncBatchNorm
+            changed += 1
+    return changed
+
+
 def apply_backbone_mesa_(backbone: nn.Module, policy: MesaPolicy,
                          convert_sync_bn: bool = True) -> nn.Module:
     """Put Mesa on a built backbone made of torch layers, in place.
@@ -84,7 +104,8 @@ def apply_backbone_mesa_(backbone: nn.Module, policy: MesaPolicy,
     mmcv's layer wrappers get their torch classes back
     (:func:`~mesa_seg.models.torch_layers.mmcv_to_torch_layers_`),
     ``SyncBatchNorm`` becomes ``BatchNorm2d`` when ``convert_sync_bn`` (single
-    process), then :func:`mesafy_` converts what ``policy`` selects.
+    process), else torch's ``SyncBatchNorm`` (:func:`sync_bn_wrappers_to_torch_`),
+    then :func:`mesafy_` converts what ``policy`` selects.
     Parameters are shared and module names kept, so ``state_dict`` keys do not
     change. torch's RNG is left as it was: ``init_weights()`` draws the weights
     the plain backbone would.
@@ -101,6 +122,8 @@ def apply_backbone_mesa_(backbone: nn.Module, policy: MesaPolicy,
     mmcv_to_torch_layers_(backbone)
     if convert_sync_bn:
         convert_sync_bn_to_bn2d(backbone)
+    else:
+        sync_bn_wrappers_to_torch_(backbone)
     with torch.random.fork_rng(devices=[]):
         return mesafy_(backbone, policy)
 
@@ -151,7 +174,9 @@ class MesaEncoderDecoder(EncoderDecoder):
         mesa (dict, optional): Mesa policy (see ``mesa_seg.mesa.MesaPolicy``) for
             the neck, decode head and auxiliary heads; it updates
             ``HEAD_MESA_DEFAULTS``. None or ``enabled=False`` keeps them in full
-            precision. Default: None.
+            precision. Their ``SyncBN`` layers become ``MesaSyncBatchNorm`` in a
+            distributed run and ``MesaBatchNorm2d`` in a single process.
+            Default: None.
         backbone_mesa (dict, optional): Mesa policy for a backbone that has no
             Mesa class (any mmseg backbone made of torch layers: ResNet,
             MixVisionTransformer, ...), applied to the built backbone by
@@ -180,14 +205,17 @@ class MesaEncoderDecoder(EncoderDecoder):
                  if getattr(self, name, None) is not None]
         if policy.enabled:
             for part in parts:
-                if not distributed:
+                if distributed:  # SyncBN syncs: MesaSyncBatchNorm
+                    sync_bn_wrappers_to_torch_(part)
+                else:  # nothing to sync: MesaBatchNorm2d
                     convert_sync_bn_to_bn2d(part)
                 mesafy_(part, policy)
-            if distributed and any(isinstance(m, nn.SyncBatchNorm) for p in parts
-                                   for m in p.modules()):
-                print_log('Mesa: SyncBatchNorm layers stay in full precision (Mesa '
-                          'compresses BatchNorm2d); use norm_cfg=dict(type="BN") to '
-                          'compress them.', logger='current')
+            kept = sum(isinstance(m, nn.SyncBatchNorm) and not isinstance(m, MesaModule)
+                       for p in parts for m in p.modules())
+            if kept:
+                print_log(f'Mesa: {kept} SyncBatchNorm layer(s) of the neck/heads stay in '
+                          'full precision: the head Mesa policy (layers/include/exclude) '
+                          'does not select them.', logger='current')
         if fused_loss:
             heads = [self.decode_head]
             aux = getattr(self, 'auxiliary_head', None)
