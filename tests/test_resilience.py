@@ -441,3 +441,18 @@ def test_checkpoint_of_another_architecture_fails_every_entry_point(
     truncated.write_bytes(ckpt.read_bytes()[:1000])
     err = _train_fails(capsys, tmp_path, demo_root, f'load_from={truncated}')
     assert f'cannot read checkpoint {truncated}' in err
+
+
+def test_fp32_checkpoint_loads_into_mesa_mit_with_shared_modules():
+    """MiT's FFN holds its activation under two names (``ffn.activate`` and
+    ``ffn.layers.2``): its quantizer buffers appear under both in the
+    state_dict, and both may be missing from an fp32 checkpoint."""
+    from mmseg.models.backbones import MixVisionTransformer
+
+    from mesa_seg.models.backbones.mit import MesaMixVisionTransformer
+    arch = dict(embed_dims=16, num_layers=[1, 1, 1, 1], num_heads=[1, 2, 2, 2])
+    fp32, mesa_model = MixVisionTransformer(**arch), MesaMixVisionTransformer(**arch)
+    shared = [k for k in mesa_model.state_dict() if '.ffn.layers.2.quantizer.' in k]
+    assert shared  # the alias is there
+    extra, absent = match_state_dict(mesa_model, fp32.state_dict())
+    assert extra == [] and set(shared) <= set(absent)

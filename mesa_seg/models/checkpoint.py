@@ -152,7 +152,7 @@ def _is_quantizer_key(key: str) -> bool:
 def _quantizer_keys(model: nn.Module) -> set:
     return {
         f'{name}.{buf}' if name else buf
-        for name, module in model.named_modules()
+        for name, module in model.named_modules(remove_duplicate=False)
         if isinstance(module, RunningRange) for buf in module._buffers
     }
 
