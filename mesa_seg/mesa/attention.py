@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,7 @@ from .config import QuantizerConfig
 from .modules import MesaModule
 from .primitives import pack_bits, unpack_bits
 from .quantizer import ActivationQuantizer, Packed
+from .shared_ops import in_projection
 
 __all__ = ['MesaMultiheadAttention', 'in_projection', 'attention', 'fused_attention']
 
@@ -61,10 +62,6 @@ _SDP_MATH, _SDP_FLASH, _SDP_EFFICIENT = 0, 1, 2
 
 
 # ----------------------------------------------------------------------- helpers
-def _unpack(saved: Sequence[torch.Tensor], shape, dtype) -> torch.Tensor:
-    return ActivationQuantizer.unpack(Packed(*saved), shape, dtype)
-
-
 class _HeadLayout(NamedTuple):
     """How a per-head tensor was laid out when packed (see :func:`_pack_heads`)."""
     shape: torch.Size            # its logical shape
@@ -97,18 +94,6 @@ def _unpack_heads(saved: Sequence[torch.Tensor], layout: _HeadLayout, heads: int
     flat = ActivationQuantizer.unpack(Packed(*saved), (math.prod(mem_shape), ), dtype)
     inverse = [layout.perm.index(d) for d in range(4)]
     return flat.view(mem_shape).permute(inverse).reshape(layout.shape)
-
-
-def _same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``a`` and ``b`` are the same tensor, or views of one base tensor with the
-    same geometry (mmcv passes q, k and v as three transposes of one input),
-    both recorded by autograd or neither: a gradient routed through either view
-    then reaches the base identically."""
-    if a is b:
-        return True
-    return (a._base is not None and a._base is b._base and a.shape == b.shape
-            and a.stride() == b.stride() and a.storage_offset() == b.storage_offset()
-            and a.dtype == b.dtype and a.requires_grad == b.requires_grad)
 
 
 def _fused_dropout_device(x: torch.Tensor) -> bool:
@@ -145,89 +130,6 @@ def _autocast_cast(t: Optional[torch.Tensor], device_type: str) -> Optional[torc
     if t.is_floating_point() and t.dtype != torch.float64:
         return t.to(torch.get_autocast_dtype(device_type))
     return t
-
-
-# -------------------------------------------------------------- in-projection
-class _Linears(Function):
-    """``F.linear(inputs[src[i]], weights[i], biases[i])`` for several linears
-    over a few inputs; each input is saved once, in 8 bits."""
-
-    @staticmethod
-    def forward(ctx, src, quantizers, *tensors):
-        n_in, n_out = len(quantizers), len(src)
-        xs, ws, bs = tensors[:n_in], tensors[n_in:n_in + n_out], tensors[n_in + n_out:]
-        # Autocast stays on: each F.linear casts exactly as in torch's own forward.
-        ys = [F.linear(xs[s], w, b) for s, w, b in zip(src, ws, bs)]
-        need_w = ctx.needs_input_grad[2 + n_in:2 + n_in + n_out]
-        saved, meta = [], []
-        for i, (x, quantizer) in enumerate(zip(xs, quantizers)):
-            users = [j for j, s in enumerate(src) if s == i]
-            if any(need_w[j] for j in users):
-                saved += quantizer.pack(x).tensors
-                meta.append((x.shape, x.dtype, True))
-            else:
-                meta.append((x.shape, x.dtype, False))
-        ctx.save_for_backward(*saved, *ws)
-        ctx.meta = (src, meta, [y.dtype for y in ys], [b is not None for b in bs])
-        return tuple(ys)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        src, meta, y_dtypes, has_bias = ctx.meta
-        n_in, n_out = len(meta), len(src)
-        need = ctx.needs_input_grad[2:]
-        saved = list(ctx.saved_tensors)
-        ws = saved[len(saved) - n_out:]
-        packs, pos = [], 0
-        for _, _, stored in meta:
-            packs.append(saved[pos:pos + 3] if stored else None)
-            pos += 3 if stored else 0
-        gxs: List[Optional[torch.Tensor]] = [None] * n_in
-        gws: List[Optional[torch.Tensor]] = [None] * n_out
-        gbs: List[Optional[torch.Tensor]] = [None] * n_out
-        x_hats: dict = {}
-        for j, (s, gy) in enumerate(zip(src, grads)):
-            if gy is None:
-                continue
-            dt = y_dtypes[j]
-            gy = gy.to(dt)
-            w = ws[j].to(dt)
-            if need[s]:
-                gx = gy.matmul(w)
-                gxs[s] = gx if gxs[s] is None else gxs[s] + gx
-            if need[n_in + j]:
-                if (s, dt) not in x_hats:
-                    shape = meta[s][0]
-                    x_hats[s, dt] = _unpack(packs[s], shape, dt).reshape(-1, shape[-1])
-                gws[j] = gy.reshape(-1, gy.shape[-1]).t().mm(x_hats[s, dt]).to(ws[j].dtype)
-            if has_bias[j] and need[n_in + n_out + j]:
-                gbs[j] = gy.reshape(-1, gy.shape[-1]).sum(0).to(ws[j].dtype)
-        gxs = [None if g is None else g.to(meta[i][1]) for i, g in enumerate(gxs)]
-        return (None, None, *gxs, *gws, *gbs)
-
-
-def in_projection(inputs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
-                  biases: Sequence[Optional[torch.Tensor]],
-                  quantizers: Sequence[ActivationQuantizer]) -> Tuple[torch.Tensor, ...]:
-    """``F.linear(inputs[i], weights[i], biases[i])`` for each ``i`` (exact),
-    saving each distinct input once in 8 bits.
-
-    Inputs that are the same tensor, or same-geometry views of one base
-    tensor, share one 8-bit copy, quantized by the quantizer of the first.
-    """
-    uniq: List[torch.Tensor] = []
-    quants: List[ActivationQuantizer] = []
-    src: List[int] = []
-    for x, quantizer in zip(inputs, quantizers):
-        for i, u in enumerate(uniq):
-            if _same_data(x, u):
-                src.append(i)
-                break
-        else:
-            src.append(len(uniq))
-            uniq.append(x)
-            quants.append(quantizer)
-    return _Linears.apply(tuple(src), tuple(quants), *uniq, *weights, *biases)
 
 
 # ---------------------------------------------------- explicit attention core

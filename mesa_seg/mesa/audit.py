@@ -5,7 +5,10 @@ and records every saved tensor that is not a parameter/buffer of the model:
 its bytes (each storage counted once), dtype, the innermost module running at
 the time and the torch function that saved it. A Mesa op saves uint8 codes (or
 a 1-bit mask) plus tiny statistics (per-group ranges, LayerNorm/BatchNorm
-mean and rstd); anything else is an uncompressed activation.
+mean and rstd); anything else is an uncompressed activation. The store-once
+ops of :mod:`.shared_ops` run outside the Mesa modules whose quantizers they
+use (a block calls them): their saves are attributed to the module owning the
+quantizer that makes the copy.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .modules import MesaModule
+from .quantizer import ActivationQuantizer
+from .shared_ops import running_quantizer
 
 __all__ = ['SavedTensorRecord', 'audit_saved_tensors', 'summarize', 'format_audit']
 
@@ -67,6 +72,9 @@ def audit_saved_tensors(model: nn.Module, *inputs,
     owned = {t.untyped_storage().data_ptr()
              for t in list(model.parameters()) + list(model.buffers()) if t.numel()}
     names = {id(m): n for n, m in model.named_modules()}
+    # A quantizer's owner: the module it is registered in.
+    owners = {id(q): parent for parent in model.modules()
+              for q in parent.children() if isinstance(q, ActivationQuantizer)}
     module_stack: List[nn.Module] = []
     seen: set = set()
     records: List[SavedTensorRecord] = []
@@ -87,9 +95,14 @@ def audit_saved_tensors(model: nn.Module, *inputs,
         fresh = ptr not in seen
         seen.add(ptr)
         module = module_stack[-1] if module_stack else model
+        quantizer = None if tracker.stack else running_quantizer()
+        shared_owner = owners.get(id(quantizer)) if quantizer is not None else None
+        if shared_owner is not None:
+            module = shared_owner
         # Custom autograd Functions (the Mesa ops) bypass the function mode, so a
         # save with no torch function running inside a Mesa module is a Mesa op's.
-        by_mesa_op = isinstance(module, MesaModule) and not tracker.stack
+        by_mesa_op = (shared_owner is not None
+                      or isinstance(module, MesaModule) and not tracker.stack)
         records.append(SavedTensorRecord(
             module=names.get(id(module), '?'), module_type=type(module).__name__,
             op=tracker.stack[-1] if tracker.stack else type(module).__name__,

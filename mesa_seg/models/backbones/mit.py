@@ -19,7 +19,7 @@ import dataclasses
 from typing import Union
 
 import torch
-from mmseg.models.backbones.mit import (EfficientMultiheadAttention,
+from mmseg.models.backbones.mit import (EfficientMultiheadAttention, MixFFN,
                                         MixVisionTransformer,
                                         TransformerEncoderLayer)
 from mmseg.models.utils import nchw_to_nlc, nlc_to_nchw
@@ -27,12 +27,13 @@ from mmseg.registry import MODELS
 from torch import nn
 
 from ...mesa import MesaGELU, MesaPolicy, mesafy_
+from ...mesa.shared_ops import gelu_project
 from ..activation_checkpoint import check_with_cp, checkpoint_block
 from ..torch_layers import mmcv_to_torch_layers_
 
 __all__ = [
     'ChannelsFirstMesaGELU', 'CheckpointMiTBlock', 'FusedEfficientMultiheadAttention',
-    'MesaMixVisionTransformer', 'MIT_MESA_DEFAULTS', 'apply_mit_mesa_'
+    'StoreOnceMixFFN', 'MesaMixVisionTransformer', 'MIT_MESA_DEFAULTS', 'apply_mit_mesa_'
 ]
 
 # Mesa's recipe for MiT: every layer type, one group per head, except the
@@ -52,6 +53,23 @@ class ChannelsFirstMesaGELU(MesaGELU):
     lie along the channels (dim 1), not the last (width) axis. MixFFN applies
     GELU between convolutions."""
     _group_dim = 1
+
+
+class StoreOnceMixFFN(MixFFN):
+    """mmseg's ``MixFFN`` whose GELU and output conv store one 8-bit copy of
+    the hidden map, GELU's input (training, Mesa on, ``ffn_drop == 0``; see
+    :func:`~mesa_seg.mesa.shared_ops.gelu_project`); otherwise exactly
+    mmseg's forward. A class swap: same modules and ``state_dict``."""
+
+    def forward(self, x: torch.Tensor, hw_shape, identity=None) -> torch.Tensor:
+        # mmseg's MixFFN.forward with layers = [fc1, pe_conv, act, drop, fc2, drop]
+        fc1, pe_conv, act, drop, fc2, drop_out = self.layers
+        out = nlc_to_nchw(x, hw_shape)
+        out = drop_out(gelu_project(pe_conv(fc1(out)), act, drop, fc2))
+        out = nchw_to_nlc(out)
+        if identity is None:
+            identity = x
+        return identity + self.dropout_layer(out)
 
 
 class FusedEfficientMultiheadAttention(EfficientMultiheadAttention):
@@ -104,11 +122,15 @@ def apply_mit_mesa_(model: MixVisionTransformer, policy: MesaPolicy) -> None:
 
     mmcv's layer wrappers (MixFFN's and the spatial reduction's ``Conv2d``)
     become the torch classes :func:`mesafy_` converts; MixFFN's GELU, which
-    sees ``(B, C, H, W)`` maps, becomes a :class:`ChannelsFirstMesaGELU`.
+    sees ``(B, C, H, W)`` maps, becomes a :class:`ChannelsFirstMesaGELU`, and
+    every ``MixFFN`` a :class:`StoreOnceMixFFN`.
     """
     if not policy.enabled:
         return
     mmcv_to_torch_layers_(model)
+    for module in model.modules():
+        if type(module) is MixFFN:
+            module.__class__ = StoreOnceMixFFN
     mesafy_(model, dataclasses.replace(policy, exclude=policy.exclude + (_FFN_GELU, )))
     if 'GELU' not in policy.layers:
         return
@@ -151,6 +173,8 @@ class MesaMixVisionTransformer(MixVisionTransformer):
     (q, k, v, probabilities) always get one group per head. The patch
     embedding of stage ``i > 0`` groups its conv input by the heads of stage
     ``i - 1`` (whose output it reads) and its norm by those of stage ``i``.
+    With ``drop_rate == 0`` the MixFFN's hidden map is stored once, as GELU's
+    input (:class:`StoreOnceMixFFN`).
 
     Args:
         *args: Positional arguments of ``MixVisionTransformer``.

@@ -21,6 +21,7 @@ from mmseg.registry import MODELS
 from torch import nn
 
 from ...mesa import MesaPolicy
+from ...mesa.shared_ops import gelu_project
 from .pvt_base import (HWShape, PatchEmbed, PVTBlock,
                        PyramidVisionTransformerBase, SpatialReductionAttention,
                        apply_mesa, dropout_or_identity, nlc_to_nchw, parse_arch,
@@ -31,6 +32,10 @@ __all__ = ['PVTMlp', 'PVT', 'MesaPVT']
 
 class PVTMlp(BaseModule):
     """Two-layer MLP of a PVT v1 block: fc1 -> act -> fc2.
+
+    In training under Mesa with a GELU and no dropout, the hidden activation
+    is stored once, as GELU's input (see
+    :func:`~mesa_seg.mesa.shared_ops.gelu_project`).
 
     Args:
         in_features (int): Input (and output) channels.
@@ -53,8 +58,8 @@ class PVTMlp(BaseModule):
         self.drop = dropout_or_identity(drop_rate)
 
     def forward(self, x: torch.Tensor, hw_shape: HWShape) -> torch.Tensor:
-        x = self.drop(self.act(self.fc1(x)))
-        return self.drop(self.fc2(x))
+        # drop(fc2(drop(act(fc1(x))))); under Mesa fc2 reads GELU's stored input.
+        return self.drop(gelu_project(self.fc1(x), self.act, self.drop, self.fc2))
 
 
 @MODELS.register_module()

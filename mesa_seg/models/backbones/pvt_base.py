@@ -25,6 +25,7 @@ from mmengine.runner.checkpoint import CheckpointLoader
 from torch import nn
 
 from ...mesa import MatMul, MesaPolicy, mesafy_
+from ...mesa.shared_ops import probs_matmul, shared_input_linears
 from ..activation_checkpoint import check_with_cp, checkpoint_block
 from ..checkpoint import pvt_classification_to_backbone, unwrap_state_dict
 
@@ -78,7 +79,10 @@ class SpatialReductionAttention(BaseModule):
     LayerNorm before the key/value projection, so attention costs
     O(N * N / sr_ratio**2). The products and softmax are modules (``MatMul``,
     ``nn.Softmax``) so Mesa can store q, k, v, scores and probabilities in 8 bits,
-    one quantization group per head.
+    one quantization group per head. In training under Mesa, a tensor two
+    layers read is stored once: the probabilities (by ``softmax``, when there
+    is no attention dropout) and, at ``sr_ratio=1``, the input of ``q`` and
+    ``kv`` (by ``q``); see :mod:`mesa_seg.mesa.shared_ops`.
 
     Args:
         embed_dims (int): Token channels.
@@ -137,13 +141,17 @@ class SpatialReductionAttention(BaseModule):
     def forward(self, x: torch.Tensor, hw_shape: HWShape) -> torch.Tensor:
         B, N, C = x.shape
         heads = self.num_heads
-        q = self.q(x).reshape(B, N, heads, C // heads).transpose(1, 2)
-        kv = self.kv(self.reduce(x, hw_shape))
+        kv_input = self.reduce(x, hw_shape)
+        if kv_input is x:  # q and kv read the same tokens
+            q, kv = shared_input_linears(x, (self.q, self.kv))
+        else:
+            q, kv = self.q(x), self.kv(kv_input)
+        q = q.reshape(B, N, heads, C // heads).transpose(1, 2)
         k, v = kv.reshape(B, -1, 2, heads, C // heads).permute(2, 0, 3, 1, 4)
 
         attn = self.qk_matmul(q, k.transpose(-2, -1)) * self.scale
-        attn = self.attn_drop(self.softmax(attn))
-        x = self.av_matmul(attn, v).transpose(1, 2).reshape(B, N, C)
+        x = probs_matmul(attn, v, self.softmax, self.attn_drop, self.av_matmul)
+        x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 
 

@@ -22,6 +22,7 @@ from mmseg.registry import MODELS
 from torch import nn
 
 from ...mesa import MesaPolicy
+from ...mesa.shared_ops import gelu_project
 from ..checkpoint import is_timm_pvt_v2, timm_pvt_v2_to_official
 from .pvt_base import (HWShape, PatchEmbed, PVTBlock,
                        PyramidVisionTransformerBase, SpatialReductionAttention,
@@ -110,6 +111,10 @@ class DWConv(nn.Module):
 class PVTv2Mlp(BaseModule):
     """MLP of a PVTv2 block: fc1 -> [ReLU] -> 3x3 depth-wise conv -> act -> fc2.
 
+    In training under Mesa with a GELU and no dropout, the hidden activation
+    is stored once, as GELU's input (see
+    :func:`~mesa_seg.mesa.shared_ops.gelu_project`).
+
     Args:
         in_features (int): Input (and output) channels.
         hidden_features (int): Hidden channels.
@@ -136,8 +141,8 @@ class PVTv2Mlp(BaseModule):
 
     def forward(self, x: torch.Tensor, hw_shape: HWShape) -> torch.Tensor:
         x = self.dwconv(self.relu(self.fc1(x)), hw_shape)
-        x = self.drop(self.act(x))
-        return self.drop(self.fc2(x))
+        # drop(fc2(drop(act(x)))); under Mesa fc2 reads GELU's stored input.
+        return self.drop(gelu_project(x, self.act, self.drop, self.fc2))
 
 
 @MODELS.register_module()

@@ -19,8 +19,10 @@ from mmseg.models.backbones.swin import SwinBlock, SwinTransformer, WindowMSA
 from mmseg.registry import MODELS
 
 from ...mesa import MatMul, MesaPolicy, mesafy_
+from ...mesa.shared_ops import probs_matmul
 from ..activation_checkpoint import check_with_cp, checkpoint_block
 from ..torch_layers import mmcv_to_torch_layers_
+from .store_once import store_once_ffns_
 
 __all__ = [
     'MesaWindowMSA', 'CheckpointSwinBlock', 'MesaSwinTransformer',
@@ -41,7 +43,10 @@ class MesaWindowMSA(WindowMSA):
     :class:`mmseg.models.backbones.swin.WindowMSA`; ``qk_matmul``, ``softmax``
     and ``av_matmul`` see ``(num_windows * B, num_heads, N, N or D)`` tensors,
     so Mesa quantizes them with one group per head. The relative position bias
-    and the shift mask are added exactly as in mmseg.
+    and the shift mask are added exactly as in mmseg. In training under Mesa
+    without attention dropout the probabilities are stored once, by
+    ``softmax`` (``av_matmul`` reads that copy; see
+    :func:`~mesa_seg.mesa.shared_ops.probs_matmul`).
     """
 
     def __init__(self, *args, **kwargs):
@@ -93,9 +98,8 @@ class MesaWindowMSA(WindowMSA):
             attn = attn.view(B // nW, nW, self.num_heads, N,
                              N) + mask.unsqueeze(1).unsqueeze(0)
             attn = attn.view(-1, self.num_heads, N, N)
-        attn = self.attn_drop(self.softmax(attn))
-
-        x = self.av_matmul(attn, v).transpose(1, 2).reshape(B, N, C)
+        x = probs_matmul(attn, v, self.softmax, self.attn_drop, self.av_matmul)
+        x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 
     def _relative_position_bias(self) -> torch.Tensor:
@@ -150,7 +154,10 @@ class MesaSwinTransformer(SwinTransformer):
     Every stage, block and window attention exposes ``num_heads``, so with
     ``groups='heads'`` the LayerNorm/Linear/GELU inputs of a block get one
     channel group per head (the stage's patch merging too), and q, k, v, the
-    attention scores and the softmax output get one group per head.
+    attention scores and the softmax output get one group per head. A tensor
+    two layers read is stored once (training, Mesa on): the attention
+    probabilities when ``attn_drop_rate == 0``, the MLP's hidden activation
+    (GELU's input, :class:`~.store_once.StoreOnceFFN`) when ``drop_rate == 0``.
 
     Args:
         *args: Positional arguments of ``SwinTransformer``.
@@ -191,4 +198,5 @@ class MesaSwinTransformer(SwinTransformer):
         if policy.enabled:
             mmcv_to_torch_layers_(self)  # mesafy_ converts exact torch types
             mesafy_(self, policy)
+            store_once_ffns_(self)
 

@@ -28,6 +28,7 @@ from mmseg.registry import MODELS
 from ...mesa import MesaPolicy, mesafy_
 from ..activation_checkpoint import check_with_cp, checkpoint_block
 from ..torch_layers import mmcv_to_torch_layers_
+from .store_once import store_once_ffns_
 
 __all__ = [
     'CheckpointViTBlock', 'FusedMultiheadAttention', 'MesaVisionTransformer',
@@ -105,7 +106,9 @@ class MesaVisionTransformer(VisionTransformer):
     LayerNorm, Linear and GELU inputs get one channel group per head; the
     attention tensors always get one group per head. The pre- and final norms
     sit outside the blocks: one group. ``norm_eval=True`` puts the LayerNorms
-    in eval mode, as mmseg does, which runs them in full precision.
+    in eval mode, as mmseg does, which runs them in full precision. With
+    ``drop_rate == 0`` the MLP's hidden activation is stored once, as GELU's
+    input (:class:`~.store_once.StoreOnceFFN`).
 
     Args:
         *args: Positional arguments of ``VisionTransformer``.
@@ -150,3 +153,4 @@ class MesaVisionTransformer(VisionTransformer):
             # salts from it), so init_weights() draws mmseg's initial weights.
             with torch.random.fork_rng(devices=[]):
                 mesafy_(self, policy)
+            store_once_ffns_(self)
