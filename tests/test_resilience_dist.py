@@ -13,14 +13,12 @@ dropout masks depend on how the batch is split, so with either no single
 process computes the same thing.
 """
 import os
-import socket
 import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from mmengine.config import Config
 from mmengine.optim import OptimWrapper
 from mmengine.structures import PixelData
@@ -30,6 +28,8 @@ from mesa_seg import register_all_modules
 from mesa_seg.errors import NonFiniteLossError
 from mesa_seg.mesa import ActivationQuantizer, QuantizerConfig, RunningRange
 from mesa_seg.mesa.primitives import group_view, quantize
+
+from dist_utils import free_port, run_ranks
 
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data',
                     'tiny_upernet_swin.py')
@@ -210,29 +210,10 @@ def _rank(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope='module')
 def ranks(tmp_path_factory):
     out = str(tmp_path_factory.mktemp('dist'))
-    ctx = mp.start_processes(_rank, args=(_free_port(), out),
-                             nprocs=WORLD_SIZE, join=False,
-                             start_method='spawn')
-    deadline = time.time() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=max(deadline - time.time(), 0.1)):
-            if time.time() >= deadline:
-                pytest.fail(f'the 2 ranks did not finish in {SPAWN_TIMEOUT_S} s')
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    return [torch.load(os.path.join(out, f'rank{r}.pt'), weights_only=True)
-            for r in range(WORLD_SIZE)]
+    return run_ranks(_rank, (free_port(), out), out, WORLD_SIZE, SPAWN_TIMEOUT_S)
 
 
 def _single_process(policy: dict):

@@ -188,20 +188,24 @@ def test_audit_attributes_store_once_saves_to_the_owning_layer():
     assert running_quantizer() is None
 
 
-def test_autocast_bf16():
+def _assert_exact_under_autocast(device: str, dtype: torch.dtype):
     ref, model = _pair()
-    x = _x()
+    ref, model, x = ref.to(device), model.to(device), _x().to(device)
     results = []
     for m in (ref, model):
-        with torch.autocast('cpu', dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=dtype):
             y = m.train()(x)
         results.append((y, torch.autograd.grad(y.float().square().mean(),
                                                list(m.parameters()))))
     (y_ref, g_ref), (y, g) = results
     assert torch.equal(y, y_ref)
     for (name, _), a, b in zip(ref.named_parameters(), g_ref, g):
-        # bf16 gradients carry their own ~0.4% rounding on top of the 8-bit error.
+        # low-precision gradients carry their own rounding on top of the 8-bit error
         assert_grad_close(a, b, name, rel_l2=0.05, cosine=0.998)
+
+
+def test_autocast_bf16():
+    _assert_exact_under_autocast('cpu', torch.bfloat16)
 
 
 def test_autocast_non_contiguous_hidden():
@@ -231,19 +235,7 @@ def test_autocast_non_contiguous_hidden():
 def test_cuda_fp16_autocast():
     """CUDA autocast runs softmax in float32 and the matmuls in float16: the
     store-once ops cast as the separate ops do."""
-    ref, model = _pair()
-    ref, model = ref.cuda(), model.cuda()
-    x = _x().cuda()
-    results = []
-    for m in (ref, model):
-        with torch.autocast('cuda', dtype=torch.float16):
-            y = m.train()(x)
-        results.append((y, torch.autograd.grad(y.float().square().mean(),
-                                               list(m.parameters()))))
-    (y_ref, g_ref), (y, g) = results
-    assert torch.equal(y, y_ref)
-    for (name, _), a, b in zip(ref.named_parameters(), g_ref, g):
-        assert_grad_close(a, b, name, rel_l2=0.05, cosine=0.998)
+    _assert_exact_under_autocast('cuda', torch.float16)
 
 
 def test_low_precision_parameters():

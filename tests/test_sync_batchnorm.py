@@ -20,20 +20,18 @@ for two steps (a contiguous, then a channels-last input), compared with:
 import contextlib
 import copy
 import os
-import socket
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import mesa_seg.mesa as mesa
 from mesa_seg.mesa import (QUANTIZER_ATTRS, MesaSyncBatchNorm, QuantizerConfig,
                            mesa_modules, mesafy_)
 from mesa_seg.mesa.sync_batchnorm import CpuKernels
+from dist_utils import free_port, run_ranks
 from mesa_utils import assert_grad_close, eager_by_default, saved_bytes  # noqa: F401
 
 WORLD_SIZE, PER_RANK, CHANNELS, SIZE, STEPS = 2, 2, 8, 16, 2
@@ -149,26 +147,8 @@ def _rank(rank: int, port: int, out: str, device: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _spawn(out: str, device: str) -> list:
-    ctx = mp.start_processes(_rank, args=(_free_port(), out, device), nprocs=WORLD_SIZE,
-                             join=False, start_method='spawn')
-    deadline = time.time() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=max(deadline - time.time(), 0.1)):
-            if time.time() >= deadline:
-                pytest.fail(f'the 2 ranks did not finish in {SPAWN_TIMEOUT_S} s')
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    return [torch.load(os.path.join(out, f'rank{r}.pt'), weights_only=True)
-            for r in range(WORLD_SIZE)]
+    return run_ranks(_rank, (free_port(), out, device), out, WORLD_SIZE, SPAWN_TIMEOUT_S)
 
 
 @pytest.fixture(scope='module')
