@@ -98,3 +98,16 @@ def checkpointing_saved_bytes(build: Callable[[object], nn.Module],
         for key, value in model.state_dict().items():
             assert torch.equal(value, state_ref[key]), (mode, key)
     return nbytes
+
+
+#: Quantizers of the second copies that store-once Mesa no longer makes
+#: (tests/test_shared_ops.py): the probabilities again as the AV product's
+#: first operand, the MLP hidden again as the output Linear's input. They stay
+#: in the model (checkpoint keys) and are never updated in training.
+STORE_ONCE_SECOND_COPIES = ('.av_matmul.quantizer_a.', '.ffn.layers.1.quantizer.')
+
+
+def is_store_once_second_copy(name: str) -> bool:
+    """Whether the state_dict key or module name ``name`` belongs to one of the
+    :data:`STORE_ONCE_SECOND_COPIES` quantizers."""
+    return any(part in name + '.' for part in STORE_ONCE_SECOND_COPIES)

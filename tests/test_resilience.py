@@ -36,6 +36,7 @@ from mesa_seg.hooks import checkpoint_compat_hook
 from mesa_seg.mesa import MesaLinear, RunningRange
 from mesa_seg.mesa.primitives import group_view
 from mesa_seg.models.checkpoint import match_state_dict
+from backbone_utils import is_store_once_second_copy
 
 register_all_modules(init_default_scope=False)  # models, hooks, atomic writes
 
@@ -240,8 +241,7 @@ def test_fp32_checkpoint_loads_into_mesa_model(logs):
     mesa_model.train_step(_batch(0), optim)
     # Store-once: the probabilities are stored by softmax (not again by
     # av_matmul), the MLP hidden by GELU (not again by the output Linear).
-    second_copies = ('.av_matmul.quantizer_a.', '.ffn.layers.1.quantizer.')
-    unused = {n for n in ranges if any(s in n + '.' for s in second_copies)}
+    unused = {n for n in ranges if is_store_once_second_copy(n)}
     assert unused and all(not ranges[n].initialized.any() for n in unused)
     assert all(m.initialized.all() for n, m in ranges.items() if n not in unused)
 
