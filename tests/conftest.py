@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny generated demo dataset and the tiny test config."""
+"""Shared fixtures: a tiny generated demo dataset, the tiny test config, a
+disk that fills up."""
+import errno
+import os
 import os.path as osp
 
 import pytest
@@ -29,3 +32,20 @@ def demo_root(tmp_path_factory):
 def data_options(demo_root):
     """``--cfg-options`` pointing every dataloader at ``demo_root``."""
     return [f'{loader}.dataset.data_root={demo_root}' for loader in LOADERS]
+
+
+@pytest.fixture
+def disk_full_on(monkeypatch):
+    """``disk_full_on(name)``: from now on, ``os.fsync`` of a file whose path
+    contains ``name`` fails with ENOSPC (what a full disk does to a save);
+    ``disk_full_on(None)``: the disk has room again."""
+    fsync = os.fsync
+
+    def fill(name):
+        def fsync_or_full(fd):
+            if name is not None and name in os.readlink(f'/proc/self/fd/{fd}'):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            fsync(fd)
+        monkeypatch.setattr(os, 'fsync', fsync_or_full if name is not None else fsync)
+
+    return fill

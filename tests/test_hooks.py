@@ -191,8 +191,7 @@ def test_preemption_hook_saves_the_iteration_and_stops(tmp_path):
 
 # ---- SafeCheckpointHook: the previous best survives a failed save --------------------
 def test_best_checkpoint_is_replaced_only_after_the_new_one_is_written(
-        tmp_path, monkeypatch):
-    import errno
+        tmp_path, disk_full_on):
     import os
 
     from mmengine.evaluator import BaseMetric
@@ -210,14 +209,7 @@ def test_best_checkpoint_is_replaced_only_after_the_new_one_is_written(
         def compute_metrics(self, results):
             return dict(score=next(scores))
 
-    fsync = os.fsync
-
-    def disk_full_for_iteration_6(fd):
-        if 'best_score_iter_6' in os.readlink(f'/proc/self/fd/{fd}'):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        fsync(fd)
-
-    monkeypatch.setattr(os, 'fsync', disk_full_for_iteration_6)
+    disk_full_on('best_score_iter_6')
     runner = Runner(
         model=_toy_model(None),
         work_dir=str(tmp_path),

@@ -2,7 +2,6 @@
 a save killed half-way, a save that fails (disk full), a NaN that stops
 training, a data file that goes bad mid-run, resuming on another number of
 ranks, 50 bf16 AMP iterations. (Faults across 2 ranks: test_resilience_faults.py.)"""
-import errno
 import gc
 import glob
 import os
@@ -206,7 +205,7 @@ def test_bf16_amp_trains_mesa_50_iterations_without_nan(tmp_path, data_options):
 
 # ---- disk faults: a failed save keeps the previous checkpoint ----------------------
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, data_options,
-                                                   monkeypatch, capsys):
+                                                   disk_full_on, capsys):
     """max_keep_ckpts=1 and the disk fills up while iteration 2 is saved:
     mmengine's CheckpointHook would have deleted iter_1.pth first."""
     work_dir = tmp_path / 'wd'
@@ -214,17 +213,10 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, data_options,
     # left by a save that was killed in an earlier run: removed at the start
     stale = work_dir / '.iter_7.pth.0123abcd.tmp'
     stale.write_bytes(b'half a checkpoint')
-    fsync = os.fsync
-
-    def disk_full_at_iteration_2(fd):
-        if 'iter_2.pth' in os.readlink(f'/proc/self/fd/{fd}'):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        fsync(fd)
-
-    monkeypatch.setattr(os, 'fsync', disk_full_at_iteration_2)
+    disk_full_on('iter_2.pth')
     rc = _train(work_dir, data_options, 'train_cfg.max_iters=3', *NO_VAL,
                 'default_hooks.checkpoint.max_keep_ckpts=1')
-    monkeypatch.setattr(os, 'fsync', fsync)
+    disk_full_on(None)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 4 and len(err) == 1, err
     assert err[0].split(': error: ', 1)[1] == (
