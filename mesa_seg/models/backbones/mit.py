@@ -19,7 +19,7 @@ import dataclasses
 from typing import Union
 
 import torch
-from mmseg.models.backbones.mit import (EfficientMultiheadAttention, MixFFN,
+from mmseg.models.backbones.mit import (EfficientMultiheadAttention,
                                         MixVisionTransformer,
                                         TransformerEncoderLayer)
 from mmseg.models.utils import nchw_to_nlc, nlc_to_nchw
@@ -27,9 +27,9 @@ from mmseg.registry import MODELS
 from torch import nn
 
 from ...mesa import MesaGELU, MesaPolicy, mesafy_
-from ...mesa.shared_ops import gelu_project
 from ..activation_checkpoint import check_with_cp, checkpoint_block
 from ..torch_layers import mmcv_to_torch_layers_
+from .store_once import StoreOnceMixFFN, store_once_ffns_
 
 __all__ = [
     'ChannelsFirstMesaGELU', 'CheckpointMiTBlock', 'FusedEfficientMultiheadAttention',
@@ -53,23 +53,6 @@ class ChannelsFirstMesaGELU(MesaGELU):
     lie along the channels (dim 1), not the last (width) axis. MixFFN applies
     GELU between convolutions."""
     _group_dim = 1
-
-
-class StoreOnceMixFFN(MixFFN):
-    """mmseg's ``MixFFN`` whose GELU and output conv store one 8-bit copy of
-    the hidden map, GELU's input (training, Mesa on, ``ffn_drop == 0``; see
-    :func:`~mesa_seg.mesa.shared_ops.gelu_project`); otherwise exactly
-    mmseg's forward. A class swap: same modules and ``state_dict``."""
-
-    def forward(self, x: torch.Tensor, hw_shape, identity=None) -> torch.Tensor:
-        # mmseg's MixFFN.forward with layers = [fc1, pe_conv, act, drop, fc2, drop]
-        fc1, pe_conv, act, drop, fc2, drop_out = self.layers
-        out = nlc_to_nchw(x, hw_shape)
-        out = drop_out(gelu_project(pe_conv(fc1(out)), act, drop, fc2))
-        out = nchw_to_nlc(out)
-        if identity is None:
-            identity = x
-        return identity + self.dropout_layer(out)
 
 
 class FusedEfficientMultiheadAttention(EfficientMultiheadAttention):
@@ -128,9 +111,7 @@ def apply_mit_mesa_(model: MixVisionTransformer, policy: MesaPolicy) -> None:
     if not policy.enabled:
         return
     mmcv_to_torch_layers_(model)
-    for module in model.modules():
-        if type(module) is MixFFN:
-            module.__class__ = StoreOnceMixFFN
+    store_once_ffns_(model)
     mesafy_(model, dataclasses.replace(policy, exclude=policy.exclude + (_FFN_GELU, )))
     if 'GELU' not in policy.layers:
         return
