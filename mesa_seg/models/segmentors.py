@@ -97,6 +97,16 @@ def sync_bn_wrappers_to_torch_(module: nn.Module) -> int:
     return changed
 
 
+def _sync_bn_for_mesa_(module: nn.Module, distributed: bool) -> None:
+    """SyncBN layers in the class Mesa converts: torch's ``SyncBatchNorm``
+    (-> ``MesaSyncBatchNorm``) when the run is distributed, ``BatchNorm2d``
+    (-> ``MesaBatchNorm2d``: nothing to sync) otherwise."""
+    if distributed:
+        sync_bn_wrappers_to_torch_(module)
+    else:
+        convert_sync_bn_to_bn2d(module)
+
+
 def apply_backbone_mesa_(backbone: nn.Module, policy: MesaPolicy,
                          convert_sync_bn: bool = True) -> nn.Module:
     """Put Mesa on a built backbone made of torch layers, in place.
@@ -120,10 +130,7 @@ def apply_backbone_mesa_(backbone: nn.Module, policy: MesaPolicy,
         raise ValueError(f'backbone_mesa: {type(backbone).__name__} already has Mesa '
                          'layers; set its policy with its own `mesa` argument')
     mmcv_to_torch_layers_(backbone)
-    if convert_sync_bn:
-        convert_sync_bn_to_bn2d(backbone)
-    else:
-        sync_bn_wrappers_to_torch_(backbone)
+    _sync_bn_for_mesa_(backbone, distributed=not convert_sync_bn)
     with torch.random.fork_rng(devices=[]):
         return mesafy_(backbone, policy)
 
@@ -205,10 +212,7 @@ class MesaEncoderDecoder(EncoderDecoder):
                  if getattr(self, name, None) is not None]
         if policy.enabled:
             for part in parts:
-                if distributed:  # SyncBN syncs: MesaSyncBatchNorm
-                    sync_bn_wrappers_to_torch_(part)
-                else:  # nothing to sync: MesaBatchNorm2d
-                    convert_sync_bn_to_bn2d(part)
+                _sync_bn_for_mesa_(part, distributed)
                 mesafy_(part, policy)
             kept = sum(isinstance(m, nn.SyncBatchNorm) and not isinstance(m, MesaModule)
                        for p in parts for m in p.modules())
