@@ -41,7 +41,7 @@ from torch.autograd import Function
 
 from .modules import MesaConv2d, MesaGELU, MesaLinear, MesaMatMul, MesaModule, MesaSoftmax
 from .ops import (_NOT_SAVED, _autocast_copy, _cast, _compute_dtype, _load, _no_autocast,
-                  _save)
+                  _pack_if, _save)
 from .quantizer import ActivationQuantizer, Packed
 
 __all__ = [
@@ -90,11 +90,6 @@ def _owned_by(quantizer: ActivationQuantizer) -> Iterator[None]:
         stack.pop()
 
 
-def _pack_or_none(needed: bool, quantizer: ActivationQuantizer,
-                  x: torch.Tensor) -> Optional[Packed]:
-    return quantizer.pack(x) if needed else None
-
-
 def _tensors(packed: Optional[Packed]) -> tuple:
     return packed.tensors if packed is not None else _NOT_SAVED
 
@@ -122,8 +117,8 @@ class _SoftmaxMatMul(Function):
         need_scores, need_v = ctx.needs_input_grad[:2]
         # The softmax backward and the gradient of v read the probabilities;
         # the gradient of the probabilities reads v.
-        packed_p = _pack_or_none(need_scores or need_v, quant_p, probs)
-        packed_v = _pack_or_none(need_scores, quant_v, vc)
+        packed_p = _pack_if(need_scores or need_v, quant_p, probs)
+        packed_v = _pack_if(need_scores, quant_v, vc)
         ctx.save_for_backward(*_tensors(packed_p), *_tensors(packed_v))
         ctx.meta = (probs.shape, s_dtype, scores.dtype, vc.shape, m_dtype, v.dtype, dim)
         return out
@@ -168,7 +163,7 @@ class _GELULinear(Function):
             y = F.linear(_cast(a, dtype), _autocast_copy(weight, dtype),
                          _autocast_copy(bias, dtype))
         need_h, need_w = ctx.needs_input_grad[:2]
-        _save(ctx, _pack_or_none(need_h or need_w, quant_h, h), weight)
+        _save(ctx, _pack_if(need_h or need_w, quant_h, h), weight)
         ctx.meta = (h.shape, h.dtype, a.dtype, dtype, approximate, bias is not None)
         return y
 
@@ -212,7 +207,7 @@ class _GELUConv2d(Function):
             y = F.conv2d(_cast(a, dtype), _cast(weight, dtype), _cast(bias, dtype), stride,
                          padding, dilation, groups)
         need_h, need_w = ctx.needs_input_grad[:2]
-        _save(ctx, _pack_or_none(need_h or need_w, quant_h, h), weight)
+        _save(ctx, _pack_if(need_h or need_w, quant_h, h), weight)
         ctx.meta = (h.shape, h.dtype, a.dtype, dtype, approximate, bias is not None,
                     (stride, padding, dilation, False, [0, 0], groups))
         return y
