@@ -15,8 +15,7 @@ import os
 import os.path as osp
 from typing import List, Optional
 
-from mmengine.dist import get_dist_info
-from mmengine.dist import is_main_process
+from mmengine.dist import get_dist_info, is_main_process
 from mmengine.fileio import LocalBackend
 from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
