@@ -14,6 +14,7 @@ from mmseg.utils import register_all_modules
 
 from mesa_seg.mesa import (QUANTIZER_ATTRS, MesaBatchNorm2d, MesaConv2d, MesaModule,
                            MesaSyncBatchNorm, audit_saved_tensors)
+from mesa_seg.memory.meters import CPUAllocatorTrace
 from mesa_seg.models import losses as fused_losses
 from mesa_seg.models.losses import _accuracy_from_pred, resize_cross_entropy
 
@@ -42,7 +43,12 @@ def _mmseg_loss(logits, label, align_corners, avg_non_ignore):
 @pytest.mark.parametrize('align_corners', [False, True])
 @pytest.mark.parametrize('avg_non_ignore', [False, True])
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
-def test_resize_cross_entropy_matches_mmseg(align_corners, avg_non_ignore, memory_format):
+@pytest.mark.parametrize('classes_per_block', [NUM_CLASSES, 3, 1])
+def test_resize_cross_entropy_matches_mmseg(monkeypatch, align_corners, avg_non_ignore,
+                                            memory_format, classes_per_block):
+    # 7 classes in blocks of 7, of 3 (3 + 3 + 1) and of 1: the streamed
+    # log-sum-exp, label score and argmax across blocks.
+    monkeypatch.setattr(fused_losses, '_BLOCK_ELEMENTS', classes_per_block * SIZE * SIZE)
     torch.manual_seed(0)
     logits = torch.randn(2, NUM_CLASSES, SIZE // 4, SIZE // 4).to(memory_format=memory_format)
     logits.requires_grad_()
@@ -79,12 +85,36 @@ def test_resize_cross_entropy_keeps_only_low_resolution_logits():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         resize_cross_entropy(logits, label)
     float_bytes = sum(t.numel() * t.element_size() for t in saved if t.is_floating_point())
-    assert float_bytes == logits.numel() * 4  # no full-resolution tensor survives forward
+    # No full-resolution score map survives forward: the logits, and one
+    # log-sum-exp per full-resolution pixel (1/K of a score map).
+    assert float_bytes == logits.numel() * 4 + label.numel() * 4
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         saved.clear()
         _mmseg_loss(logits, label, False, False)
     unfused = sum(t.numel() * t.element_size() for t in saved if t.is_floating_point())
     assert unfused >= 2 * NUM_CLASSES * SIZE * SIZE * 4  # log-probabilities at label size
+
+
+def test_resize_cross_entropy_transient_memory_is_one_class_block(monkeypatch):
+    # Forward and backward stream class blocks: what they allocate beyond the
+    # inputs, outputs and saved tensors is a few blocks, not the (K, H, W)
+    # score map of an image (mmseg's loss holds two maps of the whole batch).
+    num_classes, classes_per_block = 150, 4  # ADE20K's classes
+    monkeypatch.setattr(fused_losses, '_BLOCK_ELEMENTS', classes_per_block * SIZE * SIZE)
+    torch.manual_seed(0)
+    logits = torch.randn(2, num_classes, SIZE // 4, SIZE // 4, requires_grad=True)
+    label = torch.randint(0, num_classes, (2, SIZE, SIZE))
+    image_map = num_classes * SIZE * SIZE * 4  # one image's full-resolution scores
+    with CPUAllocatorTrace() as trace:
+        with trace.window('fused'):
+            resize_cross_entropy(logits, label).backward()
+        with trace.window('mmseg'):
+            _mmseg_loss(logits, label, False, False).backward()
+    start, peak = trace.levels('fused')
+    grad_bytes = logits.numel() * 4  # the output of backward
+    assert peak - start < grad_bytes + image_map / 4
+    start, peak = trace.levels('mmseg')
+    assert peak - start > 2 * image_map
 
 
 def _loss_grad_and_saved_labels(logits, label, ignore_index):

@@ -4,10 +4,14 @@ mmseg upsamples the ¼-resolution logits to label size, then ``F.cross_entropy``
 saves the full-resolution log-probabilities for backward: for ADE20K (150
 classes, 512², batch 2) that is 300 MB per head, more than the whole Mesa
 backbone keeps. :func:`resize_cross_entropy` keeps only the low-resolution
-logits and, in backward, recomputes upsampling + log-softmax one image at a
-time. Nothing is quantized: loss and gradients equal mmseg's up to float
-summation order, and the transient full-resolution tensors of backward are
-1/B of the unfused ones. The full-resolution labels it keeps for backward are
+logits and the per-pixel log-sum-exp, and streams the full-resolution scores
+in blocks of classes (bilinear upsampling treats classes independently): forward
+keeps an online log-sum-exp, the label's score and the argmax; backward
+recomputes one block's upsampled scores, turns them into ``softmax - onehot`` and
+applies the adjoint of the upsampling. Nothing is quantized: loss and gradients
+equal mmseg's up to float summation order, and what either pass allocates at a
+time is one block (16 MiB) instead of an image's score map (150 MiB, twice).
+The full-resolution labels it keeps for backward are
 stored in the smallest integer type that holds every class and the ignore
 index (uint8 for up to 255 classes with ignore_index 255): 1 byte per pixel
 instead of int64's 8.
@@ -23,19 +27,26 @@ from torch.autograd import Function
 __all__ = ['resize_cross_entropy', 'fused_loss_supported', 'FusedLossHeadMixin']
 
 
-def _upsample_classes_last(logits_i: torch.Tensor, size: Tuple[int, int],
-                           align_corners: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Upsample one image's ``(1, K, h, w)`` logits; also return them as
-    ``(1, H, W, K)``, classes innermost in memory.
+#: Full-resolution scores handled at once: a block of classes of one image, about
+#: 16 MiB in fp32. The whole ``(K, H, W)`` map of one image is 150 MiB for
+#: ADE20K at 512², and forward and backward each held two of them.
+_BLOCK_ELEMENTS = 1 << 22
 
-    Softmax, the label gather and argmax all reduce over classes: with classes
-    innermost they stream memory. On a ``(1, K, H, W)`` contiguous tensor they
-    stride by ``H*W``, and torch's log-softmax copies a channels-last input to
-    contiguous first (a third of the loss's time at 512² before this).
+
+def _class_blocks(num_classes: int, pixels: int):
+    """``(start, stop)`` class ranges, each ``_BLOCK_ELEMENTS`` scores or fewer."""
+    step = max(1, min(num_classes, _BLOCK_ELEMENTS // max(pixels, 1)))
+    return [(c, min(c + step, num_classes)) for c in range(0, num_classes, step)]
+
+
+def _upsample(logits_block: torch.Tensor, size: Tuple[int, int], align_corners: bool):
+    """mmseg's ``resize`` of a ``(1, k, h, w)`` block, as float32 for the reductions.
+
+    Bilinear interpolation treats every class on its own: a block of classes
+    gives exactly the rows of the whole map.
     """
-    up = F.interpolate(logits_i.contiguous(memory_format=torch.channels_last), size=size,
-                       mode='bilinear', align_corners=align_corners)
-    return up, up.permute(0, 2, 3, 1)
+    up = F.interpolate(logits_block, size=size, mode='bilinear', align_corners=align_corners)
+    return up.float()
 
 
 #: Candidates for the stored labels, smallest first.
@@ -55,28 +66,62 @@ def _label_storage_dtype(num_classes: int, ignore_index: int,
     return dtype
 
 
-def _valid_and_index(label_i: torch.Tensor, ignore_index: int):
+def _block_index(index: torch.Tensor, start: int, stop: int):
+    """Where the label falls in classes ``start:stop``, and its offset there."""
+    inside = (index >= start) & (index < stop)
+    return inside, (index - start).clamp_(0, stop - start - 1)
+
+
+def _image_forward(logits_i, label_i, size, align_corners, ignore_index, with_pred):
+    """One image: per-pixel log-sum-exp, the label's score and the argmax, streamed
+    over class blocks (an online log-sum-exp, as in flash attention)."""
     valid = label_i != ignore_index
-    return valid, torch.where(valid, label_i, 0).unsqueeze(-1)
+    index = torch.where(valid, label_i, 0).unsqueeze(1)  # (1, 1, H, W)
+    if bool(((index < 0) | (index >= logits_i.shape[1])).any()):
+        # torch's cross-entropy raises here too; a gather would not, block by block.
+        raise IndexError(f'label values outside [0, {logits_i.shape[1]}) '
+                         f'and not ignore_index={ignore_index}')
+    running_max = running_sum = picked = pred = None
+    for start, stop in _class_blocks(logits_i.shape[1], size[0] * size[1]):
+        up = _upsample(logits_i[:, start:stop], size, align_corners)
+        inside, offset = _block_index(index, start, stop)
+        score = torch.where(inside, up.gather(1, offset), 0.0)
+        block_max, block_arg = up.max(1, keepdim=True)
+        if running_max is None:
+            running_max, picked, pred = block_max, score, block_arg
+            running_sum = up.sub_(block_max).exp_().sum(1, keepdim=True)
+            continue
+        picked = picked + score
+        if with_pred:  # strictly greater: ties keep the first class, as argmax
+            pred = torch.where(block_max > running_max, block_arg + start, pred)
+        new_max = torch.maximum(running_max, block_max)
+        running_sum = running_sum.mul_((running_max - new_max).exp_()).add_(
+            up.sub_(new_max).exp_().sum(1, keepdim=True))
+        running_max = new_max
+    lse = running_max.add_(running_sum.log_())
+    nll = torch.where(valid.unsqueeze(1), lse - picked, 0.0)
+    return nll.sum(), lse.squeeze(1), pred.squeeze(1) if with_pred else None
 
 
 class _ResizeCrossEntropy(Function):
     @staticmethod
     def forward(ctx, logits, label, align_corners, ignore_index, avg_factor, with_pred):
         size = tuple(label.shape[-2:])
-        total, preds = 0.0, []
+        total, lses, preds = 0.0, [], []
         with torch.no_grad():
             for i in range(logits.shape[0]):
-                _, z = _upsample_classes_last(logits[i:i + 1], size, align_corners)
-                valid, index = _valid_and_index(label[i:i + 1], ignore_index)
                 # -log_softmax at the label, summed over non-ignored pixels: mmseg's
                 # cross-entropy (no class weights, mean reduction) before averaging.
-                nll = -z.log_softmax(-1).gather(-1, index).squeeze(-1)
-                total = total + torch.where(valid, nll, 0.0).sum()
-                preds.append(z.argmax(-1) if with_pred else None)
-        # Valid labels only got here (gather checks its indices): narrowing is exact.
+                nll, lse, pred = _image_forward(logits[i:i + 1], label[i:i + 1], size,
+                                                align_corners, ignore_index, with_pred)
+                total = total + nll
+                lses.append(lse)
+                preds.append(pred)
+        # Valid labels only got here (checked above): narrowing is exact.
         stored = label.to(_label_storage_dtype(logits.shape[1], ignore_index, label.dtype))
-        ctx.save_for_backward(logits, stored)
+        # The log-sum-exp (one float per pixel, 1/K of the scores) spares backward
+        # a second pass over the classes.
+        ctx.save_for_backward(logits, stored, torch.cat(lses))
         ctx.meta = (size, align_corners, ignore_index, avg_factor, label.dtype)
         # The predictions come from the same upsampled logits (accuracy needs no
         # second upsampling pass); they carry no gradient.
@@ -86,23 +131,25 @@ class _ResizeCrossEntropy(Function):
 
     @staticmethod
     def backward(ctx, grad, _grad_pred):
-        logits, stored = ctx.saved_tensors
+        logits, stored, lse = ctx.saved_tensors
         size, align_corners, ignore_index, avg_factor, label_dtype = ctx.meta
         grad_logits = torch.empty_like(logits)
         for i in range(logits.shape[0]):
-            with torch.enable_grad():
-                li = logits[i:i + 1].detach().requires_grad_()
-                up, z = _upsample_classes_last(li, size, align_corners)
-            with torch.no_grad():
-                # d(-log_softmax[label]) / dz = softmax - onehot(label), zero where
-                # ignored: one softmax pass instead of re-running the loss graph.
-                # One image's labels widened back at a time (gather wants int64).
-                label_i = stored[i:i + 1].to(label_dtype)
-                valid, index = _valid_and_index(label_i, ignore_index)
-                g = z.softmax(-1)
-                g.scatter_add_(-1, index, torch.full_like(index, -1, dtype=g.dtype))
-                g.mul_((valid * (grad / avg_factor)).unsqueeze(-1).to(g.dtype))
-            (grad_logits[i:i + 1],) = torch.autograd.grad(up, li, g.permute(0, 3, 1, 2))
+            # d(-log_softmax[label]) / dz = softmax - onehot(label), zero where
+            # ignored, scaled by the incoming gradient; then the adjoint of the
+            # upsampling, one class block at a time (classes are independent).
+            label_i = stored[i:i + 1].to(label_dtype)  # gather wants int64
+            valid = label_i != ignore_index
+            index = torch.where(valid, label_i, 0).unsqueeze(1)
+            weight = (valid * (grad / avg_factor)).unsqueeze(1).float()
+            lse_i = lse[i:i + 1].unsqueeze(1)
+            for start, stop in _class_blocks(logits.shape[1], size[0] * size[1]):
+                block = logits[i:i + 1, start:stop]
+                g = _upsample(block, size, align_corners).sub_(lse_i).exp_().mul_(weight)
+                inside, offset = _block_index(index, start, stop)
+                g.scatter_add_(1, offset, torch.where(inside, -weight, 0.0))
+                grad_logits[i:i + 1, start:stop] = torch.ops.aten.upsample_bilinear2d_backward(
+                    g.to(logits.dtype), list(size), list(block.shape), align_corners)
         return grad_logits, None, None, None, None, None
 
 
