@@ -168,8 +168,12 @@ class _Conv2d(Function):
             for c0 in range(0, shape[1], step):
                 c1 = min(shape[1], c0 + step)
                 x_hat = _unpack_channels(packed, shape, dt, c0, c1)
+                # A contiguous weight block: torch reads the slice's strides (input
+                # channels innermost) as channels-last and would convert the input
+                # and output gradients to that layout and back, block by block.
                 gx_c, gw_c, _ = torch.ops.aten.convolution_backward(
-                    gy, x_hat, w[:, c0:c1], None, *conv_args, [need[0], True, False])
+                    gy, x_hat, w[:, c0:c1].contiguous(), None, *conv_args,
+                    [need[0], True, False])
                 del x_hat
                 if gx is not None:
                     gx[:, c0:c1] = gx_c
@@ -195,8 +199,10 @@ def _unpack_channels(packed: Packed, shape: torch.Size, dtype: torch.dtype,
     """Dequantize input channels ``c0:c1`` of a ``(B, C, H, W)`` activation."""
     batch, channels = shape[:2]
     per_group = channels // packed.q.shape[1]
-    # The same codes regrouped one channel per group: a Packed of the block.
-    block = Packed(packed.q.view(batch, channels, -1)[:, c0:c1].contiguous(),
+    # The same codes regrouped one channel per group: a Packed of the block,
+    # a strided view (the kernel reads it in place; copying it first cost more
+    # than dequantizing).
+    block = Packed(packed.q.view(batch, channels, -1)[:, c0:c1],
                    packed.lo.repeat_interleave(per_group)[c0:c1],
                    packed.rng.repeat_interleave(per_group)[c0:c1])
     return ActivationQuantizer.unpack(block, (batch, c1 - c0, *shape[2:]), dtype)

@@ -78,4 +78,4 @@ class ActivationQuantizer(RunningRange):
     @staticmethod
     def unpack(packed: Packed, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """Dequantize to a contiguous tensor of ``shape`` and ``dtype``."""
-        return dequantize(packed.q, packed.lo, packed.rng, dtype).view(shape)
+        return dequantize(packed.q, packed.lo, packed.rng, dtype).reshape(shape)
