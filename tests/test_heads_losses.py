@@ -364,3 +364,14 @@ def test_heads_with_their_own_loss_keep_it(monkeypatch):
     # a stock head next to them still gets the fused loss
     cfg['auxiliary_head'] = _segmentor_cfg()['auxiliary_head']
     assert type(MODELS.build(cfg).auxiliary_head).__name__ == 'FusedLossFCNHead'
+
+
+def test_resize_cross_entropy_rejects_labels_outside_the_classes(monkeypatch):
+    # Class blocks clamp the label index inside each block; an out-of-range
+    # label must still fail loudly (torch's cross-entropy raises too).
+    monkeypatch.setattr(fused_losses, '_BLOCK_ELEMENTS', 2 * SIZE * SIZE)
+    logits = torch.randn(2, NUM_CLASSES, SIZE // 4, SIZE // 4, requires_grad=True)
+    label = _labels()
+    label[1, -1, -1] = NUM_CLASSES
+    with pytest.raises(IndexError, match='outside'):
+        resize_cross_entropy(logits, label)
