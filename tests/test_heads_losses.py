@@ -270,7 +270,7 @@ def test_unsupported_loss_keeps_mmseg_path(caplog):
         mesa=dict(groups='channels'),
         aux_loss=[dict(type='CrossEntropyLoss', loss_weight=0.4),
                   dict(type='DiceLoss', loss_weight=0.4)]))
-    assert type(model.decode_head).__name__ == 'FusedLossUPerHead'
+    assert type(model.decode_head).__name__ == 'FusedLossStoreOnceUPerHead'
     assert type(model.auxiliary_head).__name__ == 'FCNHead'
     imgs, samples = _batch()
     losses, _ = _loss_and_grads(model, imgs, samples)

@@ -71,7 +71,13 @@ class RunningRange(nn.Module):
         With ``update`` the estimates first absorb this batch's statistics (call
         it so only in training forward). No host synchronisation.
         """
-        bmin, bmax = batch_min_max(x3)
+        return self.from_min_max(*batch_min_max(x3), update=update)
+
+    @torch.no_grad()
+    def from_min_max(self, bmin: torch.Tensor, bmax: torch.Tensor,
+                     update: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` from this batch's per-group minimum and maximum,
+        float32 ``(groups,)`` (for an activation held in pieces)."""
         if self.config.sync_stats and dist.is_available() and dist.is_initialized():
             dist.all_reduce(bmin, op=dist.ReduceOp.MIN)
             dist.all_reduce(bmax, op=dist.ReduceOp.MAX)

@@ -1,13 +1,13 @@
 """The per-layer activation quantizer: grouping + running range + (de)quantize."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from .config import QuantizerConfig
 from .observer import RunningRange
-from .primitives import dequantize, group_view, quantize
+from .primitives import batch_min_max, dequantize, group_view, quantize
 
 __all__ = ['ActivationQuantizer', 'Packed']
 
@@ -69,6 +69,29 @@ class ActivationQuantizer(RunningRange):
         lo, rng = self(x3, update=self.training)
         seed = self._next_seed() if self.config.stochastic_rounding else None
         return Packed(quantize(x3, lo, rng, seed), lo, rng)
+
+    @torch.no_grad()
+    def pack_blocks(self, blocks: Sequence[torch.Tensor]) -> List[Packed]:
+        """Quantize an activation held as consecutive blocks along ``dim``, each
+        block at its own size (e.g. the low-resolution maps a concatenation
+        upsamples): one running range over all of them, as :meth:`pack` keeps
+        for their concatenation. Every block must hold whole groups."""
+        dim = self.dim
+        per_group = sum(b.shape[dim] for b in blocks) // self.groups
+        if per_group == 0 or any(b.shape[dim] % per_group for b in blocks):
+            raise ValueError(f'Mesa: blocks of {[b.shape[dim] for b in blocks]} channels do '
+                             f'not each hold whole groups of {self.groups} groups')
+        views = [group_view(b, b.shape[dim] // per_group, dim) for b in blocks]
+        stats = [batch_min_max(v) for v in views]
+        lo, rng = self.from_min_max(torch.cat([s[0] for s in stats]),
+                                    torch.cat([s[1] for s in stats]), update=self.training)
+        packed, g0 = [], 0
+        for v in views:
+            g1 = g0 + v.shape[1]
+            seed = self._next_seed() if self.config.stochastic_rounding else None
+            packed.append(Packed(quantize(v, lo[g0:g1], rng[g0:g1], seed), lo[g0:g1], rng[g0:g1]))
+            g0 = g1
+        return packed
 
     def _next_seed(self) -> torch.Tensor:
         self.rounding_step.add_(1)  # on the device: no host synchronisation

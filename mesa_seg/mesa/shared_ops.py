@@ -11,6 +11,9 @@ copy of the same tensor (or of one computed cheaply from the other) keep one.
 :func:`in_projection`      several linears over the same input (PVT's
                            ``q``/``kv`` at ``sr_ratio=1``, the in-projections
                            of :mod:`.attention`): one copy of the input.
+:func:`resize_cat_conv2d`  ``conv2d(cat([maps[0], *upsampled others]))``
+                           (UPerHead's bottleneck): every map stored at its
+                           own resolution, upsampled again in backward.
 =========================  ===============================================
 
 Each follows the pattern of :mod:`.ops`: the forward runs torch's own kernels
@@ -22,7 +25,7 @@ the quantizers of the second copies stay in the modules (their state_dict keys
 load from any checkpoint) and are simply not updated.
 
 The module-level helpers (:func:`probs_matmul`, :func:`gelu_project`,
-:func:`shared_input_linears`) take the modules of a block and run a store-once
+:func:`shared_input_linears`, :func:`resized_cat_conv`) take the modules of a block and run a store-once
 op when it is valid: training with Mesa on in every module involved and no
 active dropout between them. Otherwise they call the modules in sequence, as
 the block always did. On the store-once path the modules are applied
@@ -40,14 +43,14 @@ from torch import nn
 from torch.autograd import Function
 
 from .modules import MesaConv2d, MesaGELU, MesaLinear, MesaMatMul, MesaModule, MesaSoftmax
-from .ops import (_NOT_SAVED, _autocast_copy, _cast, _compute_dtype, _load, _no_autocast,
-                  _pack_if, _save)
+from .ops import (_NOT_SAVED, _autocast_copy, _cast, _channel_blocks, _compute_dtype, _load,
+                  _no_autocast, _pack_if, _save, _unpack_channels)
 from .quantizer import ActivationQuantizer, Packed
 
 __all__ = [
     'softmax_matmul', 'gelu_linear', 'gelu_conv2d', 'in_projection', 'probs_matmul',
-    'gelu_project', 'shared_input_linears', 'use_store_once', 'store_once_enabled',
-    'running_quantizer',
+    'gelu_project', 'shared_input_linears', 'resize_cat_conv2d', 'resized_cat_conv',
+    'use_store_once', 'store_once_enabled', 'running_quantizer',
 ]
 
 _local = threading.local()
@@ -339,6 +342,89 @@ def in_projection(inputs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor
         return _Linears.apply(tuple(src), tuple(quants), *uniq, *weights, *biases)
 
 
+# --------------------------------------- conv2d over resized, concatenated maps
+def _resize_all(pieces: Sequence[torch.Tensor], size: Tuple[int, int],
+                align_corners: bool) -> List[torch.Tensor]:
+    """The first map as it is, the others resized to ``size`` (bilinear), as
+    UPerHead feeds its bottleneck."""
+    return [pieces[0]] + [F.interpolate(p, size=size, mode='bilinear',
+                                        align_corners=align_corners) for p in pieces[1:]]
+
+
+class _ResizeCatConv2d(Function):
+    @staticmethod
+    def forward(ctx, size, align_corners, weight, bias, conv_args, quantizer, *pieces):
+        x = torch.cat(_resize_all(pieces, size, align_corners), 1)
+        dtype = _compute_dtype(x, 'lower')
+        stride, padding, dilation, groups = conv_args
+        with _no_autocast(x):
+            y = F.conv2d(_cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), stride,
+                         padding, dilation, groups)
+        del x  # the full-resolution concatenation is not kept
+        need_w = ctx.needs_input_grad[2]
+        packed = quantizer.pack_blocks([_cast(p, dtype) for p in pieces]) if need_w else []
+        ctx.save_for_backward(weight, *(t for pk in packed for t in pk.tensors))
+        ctx.meta = ([(p.shape, p.dtype) for p in pieces], tuple(size), align_corners, dtype,
+                    bias is not None, (stride, padding, dilation, False, [0, 0], groups))
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        weight, *flat = ctx.saved_tensors
+        shapes, size, align_corners, dtype, has_bias, conv_args = ctx.meta
+        need_w, need_b = ctx.needs_input_grad[2:4]
+        need_pieces = ctx.needs_input_grad[6:]
+        gy = gy.to(dtype)
+        w = _cast(weight, dtype)
+        gw = torch.empty_like(w) if need_w else None
+        grads, c0 = [], 0
+        for k, (shape, piece_dtype) in enumerate(shapes):
+            full = torch.Size((shape[0], shape[1], *size))
+            g_piece = gy.new_empty(shape) if need_pieces[k] else None
+            # Channel blocks of the piece: its channels' gradients read only
+            # their own input channels and weight columns (exact per block).
+            blocks = _channel_blocks(full, dtype, conv_args[-1]) if need_w else 1
+            step = -(-shape[1] // blocks)
+            for s0 in range(0, shape[1], step):
+                s1 = min(shape[1], s0 + step)
+                if need_w:
+                    x_hat = _unpack_channels(Packed(*flat[3 * k:3 * k + 3]), shape, dtype, s0, s1)
+                    if k:
+                        x_hat = F.interpolate(x_hat, size=size, mode='bilinear',
+                                              align_corners=align_corners)
+                else:  # the input gradient reads the input's shape alone
+                    x_hat = gy.new_zeros(()).expand(full[0], s1 - s0, *size)
+                gx, gw_block, _ = torch.ops.aten.convolution_backward(
+                    gy, x_hat, w[:, c0 + s0:c0 + s1].contiguous(), None, *conv_args,
+                    [need_pieces[k], need_w, False])
+                del x_hat
+                if need_w:
+                    gw[:, c0 + s0:c0 + s1] = gw_block
+                if need_pieces[k]:
+                    if k:  # the adjoint of the upsampling
+                        gx = torch.ops.aten.upsample_bilinear2d_backward(
+                            gx, list(size), [shape[0], s1 - s0, *shape[2:]], align_corners)
+                    g_piece[:, s0:s1] = gx
+            grads.append(None if g_piece is None else g_piece.to(piece_dtype))
+            c0 += shape[1]
+        gb = gy.sum((0, 2, 3)).to(weight.dtype) if has_bias and need_b else None
+        return (None, None, None if gw is None else gw.to(weight.dtype), gb, None, None,
+                *grads)
+
+
+def resize_cat_conv2d(pieces: Sequence[torch.Tensor], size: Tuple[int, int],
+                      align_corners: bool, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor], stride, padding, dilation, groups: int,
+                      quantizer: ActivationQuantizer) -> torch.Tensor:
+    """``F.conv2d(torch.cat([pieces[0], *resized others], 1), ...)`` (int padding;
+    exact) storing every piece at its own resolution, in 8 bits by ``quantizer``
+    (one running range over the concatenation's channel groups)."""
+    with _owned_by(quantizer):
+        return _ResizeCatConv2d.apply(tuple(size), align_corners, weight, bias,
+                                      (tuple(stride), tuple(padding), tuple(dilation), groups),
+                                      quantizer, *pieces)
+
+
 # ------------------------------------------------------ module-level helpers
 def _dropout_inactive(dropout: Optional[nn.Module]) -> bool:
     """``dropout`` is the identity now (``nn.Dropout(0.)`` returns its input)."""
@@ -400,3 +486,27 @@ def shared_input_linears(x: torch.Tensor,
         return in_projection([x] * len(linears), [m.weight for m in linears],
                              [m.bias for m in linears], [m.quantizer for m in linears])
     return tuple(m(x) for m in linears)
+
+
+def resized_cat_conv(pieces: Sequence[torch.Tensor], align_corners: bool,
+                     conv: nn.Module) -> torch.Tensor:
+    """``conv(torch.cat([pieces[0], *others resized to pieces[0]'s size], 1))``
+    (bilinear, UPerHead's bottleneck input); the pieces are stored at their own
+    resolution instead of the concatenation at the full one when ``conv`` is a
+    zero-padded, ungrouped Mesa Conv2d running Mesa with quantization groups
+    along channels (dim 1) that each piece holds whole."""
+    size = tuple(pieces[0].shape[2:])
+    if (store_once_enabled() and _runs_as(conv, MesaConv2d) and conv.padding_mode == 'zeros'
+            and not isinstance(conv.padding, str) and conv.groups == 1
+            and conv.quantizer.dim == 1
+            and _mesa_on(conv, pieces[0]) and _whole_groups(pieces, conv.quantizer.groups)):
+        return resize_cat_conv2d(pieces, size, align_corners, conv.weight, conv.bias,
+                                 conv.stride, conv.padding, conv.dilation, conv.groups,
+                                 conv.quantizer)
+    return conv(torch.cat(_resize_all(pieces, size, align_corners), 1))
+
+
+def _whole_groups(pieces: Sequence[torch.Tensor], groups: int) -> bool:
+    channels = sum(p.shape[1] for p in pieces)
+    return channels % groups == 0 and all(p.shape[1] % (channels // groups) == 0
+                                          for p in pieces)

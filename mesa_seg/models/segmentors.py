@@ -31,6 +31,7 @@ from torch import nn
 from ..distributed import is_distributed, ranks_with
 from ..errors import NonFiniteLossError
 from ..mesa import MesaModule, MesaPolicy, mesafy_
+from .decode_heads import store_once_heads_
 from .losses import FusedLossHeadMixin, fused_loss_supported
 from .torch_layers import mmcv_to_torch_layers_
 
@@ -214,6 +215,7 @@ class MesaEncoderDecoder(EncoderDecoder):
             for part in parts:
                 _sync_bn_for_mesa_(part, distributed)
                 mesafy_(part, policy)
+                store_once_heads_(part)
             kept = sum(isinstance(m, nn.SyncBatchNorm) and not isinstance(m, MesaModule)
                        for p in parts for m in p.modules())
             if kept:

@@ -1,0 +1,74 @@
+"""mmseg's ``UPerHead`` storing its bottleneck's input at the resolutions it
+is made of.
+
+UPerHead's bottleneck convolution reads the concatenation of four maps at ¼
+resolution, three of them bilinear upsamplings of ⅛, 1/16 and 1/32-resolution
+maps. Under Mesa the convolution keeps an 8-bit copy of the whole
+concatenation: for UperNet-Swin-T at 512x512, batch 2, 64 MiB, three quarters
+of it upsampled pixels. :class:`StoreOnceUPerHead` keeps the four maps at their
+own resolution (about a tenth of that) and upsamples them again in backward
+(:func:`~mesa_seg.mesa.shared_ops.resized_cat_conv`). A class swap
+(:func:`store_once_heads_`): same modules, ``state_dict`` and forward output.
+"""
+import torch
+from mmseg.models.decode_heads import UPerHead
+from mmseg.models.utils import resize
+from torch import nn
+
+from ..mesa.shared_ops import resized_cat_conv
+
+__all__ = ['StoreOnceUPerHead', 'store_once_heads_']
+
+
+class StoreOnceUPerHead(UPerHead):
+    """mmseg's ``UPerHead`` whose bottleneck convolution stores its input maps
+    at their own resolution (training, Mesa on the convolution); otherwise
+    exactly mmseg's forward."""
+
+    def _forward_feature(self, inputs):
+        # mmseg 1.2.2's UPerHead._forward_feature up to the concatenation.
+        inputs = self._transform_inputs(inputs)
+        laterals = [conv(inputs[i]) for i, conv in enumerate(self.lateral_convs)]
+        laterals.append(self.psp_forward(inputs))
+        levels = len(laterals)
+        for i in range(levels - 1, 0, -1):
+            laterals[i - 1] = laterals[i - 1] + resize(
+                laterals[i], size=laterals[i - 1].shape[2:], mode='bilinear',
+                align_corners=self.align_corners)
+        fpn_outs = [self.fpn_convs[i](laterals[i]) for i in range(levels - 1)]
+        fpn_outs.append(laterals[-1])
+        bottleneck = self.fpn_bottleneck
+        if not (self.training and _plain_conv_module(bottleneck)):
+            fpn_outs[1:] = [resize(out, size=fpn_outs[0].shape[2:], mode='bilinear',
+                                   align_corners=self.align_corners) for out in fpn_outs[1:]]
+            return bottleneck(torch.cat(fpn_outs, dim=1))
+        # ConvModule's forward for order (conv, norm, act), its conv reading
+        # the concatenation of the resized maps.
+        feats = resized_cat_conv(fpn_outs, self.align_corners, bottleneck.conv)
+        if bottleneck.with_norm:
+            feats = bottleneck.norm(feats)
+        if bottleneck.with_activation:
+            feats = bottleneck.activate(feats)
+        return feats
+
+
+def _plain_conv_module(module: nn.Module) -> bool:
+    """An mmcv ``ConvModule`` whose forward is conv, then norm, then activation."""
+    return (tuple(getattr(module, 'order', ())) == ('conv', 'norm', 'act')
+            and not getattr(module, 'with_explicit_padding', True)
+            and isinstance(getattr(module, 'conv', None), nn.Conv2d))
+
+
+_STORE_ONCE = {UPerHead: StoreOnceUPerHead}
+
+
+def store_once_heads_(model: nn.Module) -> int:
+    """Swap every mmseg ``UPerHead`` in ``model`` for :class:`StoreOnceUPerHead`,
+    in place; returns how many."""
+    swapped = 0
+    for module in model.modules():
+        store_once = _STORE_ONCE.get(type(module))
+        if store_once is not None:
+            module.__class__ = store_once
+            swapped += 1
+    return swapped
