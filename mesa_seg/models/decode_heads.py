@@ -6,7 +6,7 @@ resolution, three of them bilinear upsamplings of ⅛, 1/16 and 1/32-resolution
 maps. Under Mesa the convolution keeps an 8-bit copy of the whole
 concatenation: for UperNet-Swin-T at 512x512, batch 2, 64 MiB, three quarters
 of it upsampled pixels. :class:`StoreOnceUPerHead` keeps the four maps at their
-own resolution (about a tenth of that) and upsamples them again in backward
+own resolution (21 MiB there) and upsamples them again in backward
 (:func:`~mesa_seg.mesa.shared_ops.resized_cat_conv`). A class swap
 (:func:`store_once_heads_`): same modules, ``state_dict`` and forward output.
 """
