@@ -16,6 +16,7 @@ from mmseg.models.utils import resize
 from torch import nn
 
 from ..mesa.shared_ops import resized_cat_conv
+from .torch_layers import swap_classes_
 
 __all__ = ['StoreOnceUPerHead', 'store_once_heads_']
 
@@ -65,10 +66,4 @@ _STORE_ONCE = {UPerHead: StoreOnceUPerHead}
 def store_once_heads_(model: nn.Module) -> int:
     """Swap every mmseg ``UPerHead`` in ``model`` for :class:`StoreOnceUPerHead`,
     in place; returns how many."""
-    swapped = 0
-    for module in model.modules():
-        store_once = _STORE_ONCE.get(type(module))
-        if store_once is not None:
-            module.__class__ = store_once
-            swapped += 1
-    return swapped
+    return swap_classes_(model, _STORE_ONCE)

@@ -9,9 +9,11 @@ torch forward. Mesa converts exact torch types only (a subclass may override
 precision. :func:`mmcv_to_torch_layers_` gives each such layer its torch class
 back: same object, parameters, buffers, hooks and ``state_dict`` keys.
 """
+from typing import Mapping
+
 from torch import nn
 
-__all__ = ['mmcv_to_torch_layers_']
+__all__ = ['mmcv_to_torch_layers_', 'swap_classes_']
 
 
 def _mmcv_wrappers() -> dict:
@@ -28,14 +30,20 @@ def _mmcv_wrappers() -> dict:
     return pairs
 
 
+def swap_classes_(model: nn.Module, classes: Mapping[type, type]) -> int:
+    """Give every module of ``model`` whose exact class is a key of ``classes``
+    the class it maps to, in place (same attributes, so the same ``state_dict``).
+    Returns how many modules changed class."""
+    changed = 0
+    for module in model.modules():
+        new_cls = classes.get(type(module))
+        if new_cls is not None:
+            module.__class__ = new_cls
+            changed += 1
+    return changed
+
+
 def mmcv_to_torch_layers_(model: nn.Module) -> int:
     """Swap the class of every mmcv wrapper layer in ``model`` for the torch
     class it subclasses. Returns how many layers were changed."""
-    pairs = _mmcv_wrappers()
-    changed = 0
-    for module in model.modules():
-        torch_cls = pairs.get(type(module))
-        if torch_cls is not None:
-            module.__class__ = torch_cls
-            changed += 1
-    return changed
+    return swap_classes_(model, _mmcv_wrappers())

@@ -16,6 +16,7 @@ from mmseg.models.utils import nchw_to_nlc, nlc_to_nchw
 from torch import nn
 
 from ...mesa.shared_ops import gelu_project
+from ..torch_layers import swap_classes_
 
 __all__ = ['StoreOnceFFN', 'StoreOnceMixFFN', 'store_once_ffns_']
 
@@ -64,10 +65,4 @@ _STORE_ONCE = {FFN: StoreOnceFFN, MixFFN: StoreOnceMixFFN}
 def store_once_ffns_(model: nn.Module) -> int:
     """Swap every mmcv ``FFN`` and mmseg ``MixFFN`` in ``model`` for its
     store-once class, in place; returns how many."""
-    swapped = 0
-    for module in model.modules():
-        store_once = _STORE_ONCE.get(type(module))
-        if store_once is not None:
-            module.__class__ = store_once
-            swapped += 1
-    return swapped
+    return swap_classes_(model, _STORE_ONCE)
