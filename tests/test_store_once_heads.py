@@ -48,7 +48,7 @@ def test_forward_exact_gradients_close_pieces_stored_small(align_corners, kernel
     quantizer = ActivationQuantizer(QuantizerConfig(groups=sum(CHANNELS)), dim=1)
     y_ref = _reference(maps, conv, align_corners)
     y, nbytes = saved_bytes(lambda: resize_cat_conv2d(
-        maps, (SIZE, SIZE), align_corners, conv.weight, conv.bias, conv.stride, conv.padding,
+        list(maps), align_corners, conv.weight, conv.bias, conv.stride, conv.padding,
         conv.dilation, conv.groups, quantizer), exclude=list(conv.parameters()))
     assert torch.equal(y, y_ref)
     # 8-bit codes of every map at its own size, plus each map's (lo, rng) per channel.
@@ -105,7 +105,7 @@ def test_falls_back_to_the_plain_mesa_conv(case):
     maps = _maps()
     plain = copy.deepcopy(conv)
     with use_store_once(case != 'store_once_off'):
-        y, nbytes = saved_bytes(lambda: resized_cat_conv(maps, False, conv),
+        y, nbytes = saved_bytes(lambda: resized_cat_conv(list(maps), False, conv),
                                 exclude=list(conv.parameters()))
     y_ref, ref_bytes = saved_bytes(lambda: _reference(maps, plain, False),
                                    exclude=list(plain.parameters()))
@@ -114,7 +114,9 @@ def test_falls_back_to_the_plain_mesa_conv(case):
 
 def test_store_once_conv_uses_the_conv_quantizer():
     conv = _mesa_conv()
-    y = resized_cat_conv(_maps(), False, conv)
+    maps = _maps()
+    y = resized_cat_conv(maps, False, conv)
+    assert maps == []  # released once concatenated
     assert bool(conv.quantizer.initialized.all())
     assert int(conv.quantizer.rounding_step) == len(CHANNELS)  # a seed per piece
     y.sum().backward()
@@ -125,7 +127,7 @@ def test_frozen_weight_keeps_no_codes_and_input_gradients_exact():
     conv = _mesa_conv()
     conv.weight.requires_grad_(False)
     maps = _maps()
-    y, nbytes = saved_bytes(lambda: resized_cat_conv(maps, False, conv),
+    y, nbytes = saved_bytes(lambda: resized_cat_conv(list(maps), False, conv),
                             exclude=list(conv.parameters()))
     assert nbytes == 0
     g_out = torch.randn_like(y)
@@ -139,7 +141,7 @@ def test_autocast_bf16_forward_exact():
     maps = _maps()
     plain = copy.deepcopy(conv)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        y = resized_cat_conv(maps, False, conv)
+        y = resized_cat_conv(list(maps), False, conv)
         with use_store_once(False):
             y_ref = _reference(maps, plain, False)
     assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)

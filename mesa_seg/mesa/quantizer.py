@@ -71,27 +71,40 @@ class ActivationQuantizer(RunningRange):
         return Packed(quantize(x3, lo, rng, seed), lo, rng)
 
     @torch.no_grad()
-    def pack_blocks(self, blocks: Sequence[torch.Tensor]) -> List[Packed]:
-        """Quantize an activation held as consecutive blocks along ``dim``, each
-        block at its own size (e.g. the low-resolution maps a concatenation
-        upsamples): one running range over all of them, as :meth:`pack` keeps
-        for their concatenation. Every block must hold whole groups."""
+    def block_ranges(self, blocks: Sequence[torch.Tensor]
+                     ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(lo, rng)`` of each block of an activation held as consecutive
+        blocks along ``dim``, each at its own size (e.g. the low-resolution maps
+        a concatenation upsamples): one running-range update over all of them,
+        as :meth:`pack` makes for their concatenation (updating in training
+        mode). Every block must hold whole groups; quantize each with
+        :meth:`pack_with`."""
         dim = self.dim
         per_group = sum(b.shape[dim] for b in blocks) // self.groups
         if per_group == 0 or any(b.shape[dim] % per_group for b in blocks):
             raise ValueError(f'Mesa: blocks of {[b.shape[dim] for b in blocks]} channels do '
                              f'not each hold whole groups of {self.groups} groups')
-        views = [group_view(b, b.shape[dim] // per_group, dim) for b in blocks]
-        stats = [batch_min_max(v) for v in views]
+        stats = [batch_min_max(group_view(b, b.shape[dim] // per_group, dim)) for b in blocks]
         lo, rng = self.from_min_max(torch.cat([s[0] for s in stats]),
                                     torch.cat([s[1] for s in stats]), update=self.training)
-        packed, g0 = [], 0
-        for v in views:
-            g1 = g0 + v.shape[1]
-            seed = self._next_seed() if self.config.stochastic_rounding else None
-            packed.append(Packed(quantize(v, lo[g0:g1], rng[g0:g1], seed), lo[g0:g1], rng[g0:g1]))
+        ranges, g0 = [], 0
+        for bmin, _ in stats:
+            g1 = g0 + bmin.numel()
+            ranges.append((lo[g0:g1], rng[g0:g1]))
             g0 = g1
-        return packed
+        return ranges
+
+    @torch.no_grad()
+    def pack_with(self, x: torch.Tensor, lo: torch.Tensor, rng: torch.Tensor) -> Packed:
+        """Quantize ``x`` with a given range (one of :meth:`block_ranges`)."""
+        x3 = group_view(x, lo.numel(), self.dim)
+        seed = self._next_seed() if self.config.stochastic_rounding else None
+        return Packed(quantize(x3, lo, rng, seed), lo, rng)
+
+    def pack_blocks(self, blocks: Sequence[torch.Tensor]) -> List[Packed]:
+        """:meth:`block_ranges`, then every block quantized with its range."""
+        return [self.pack_with(b, lo, rng)
+                for b, (lo, rng) in zip(blocks, self.block_ranges(blocks))]
 
     def _next_seed(self) -> torch.Tensor:
         self.rounding_step.add_(1)  # on the device: no host synchronisation

@@ -351,78 +351,100 @@ def _resize_all(pieces: Sequence[torch.Tensor], size: Tuple[int, int],
                                         align_corners=align_corners) for p in pieces[1:]]
 
 
-class _ResizeCatConv2d(Function):
+class _ConvOfResizedCat(Function):
+    """``conv2d(x)`` for ``x = cat([maps[0], *resized others])``; backward reads
+    the maps' 8-bit codes (the others' made by the caller before ``x`` existed,
+    the first one's made here from ``x``'s own channels after the convolution,
+    so that no full-resolution map outlives the concatenation)."""
+
     @staticmethod
-    def forward(ctx, size, align_corners, weight, bias, conv_args, quantizer, *pieces):
-        x = torch.cat(_resize_all(pieces, size, align_corners), 1)
+    def forward(ctx, x, weight, bias, conv_args, quantizer, first_range, shapes, size,
+                align_corners, *codes):
         dtype = _compute_dtype(x, 'lower')
         stride, padding, dilation, groups = conv_args
         with _no_autocast(x):
-            y = F.conv2d(_cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), stride,
-                         padding, dilation, groups)
-        del x  # the full-resolution concatenation is not kept
-        need_w = ctx.needs_input_grad[2]
-        packed = quantizer.pack_blocks([_cast(p, dtype) for p in pieces]) if need_w else []
-        ctx.save_for_backward(weight, *(t for pk in packed for t in pk.tensors))
-        ctx.meta = ([(p.shape, p.dtype) for p in pieces], tuple(size), align_corners, dtype,
-                    bias is not None, (stride, padding, dilation, False, [0, 0], groups))
+            xc = _cast(x, dtype)
+            y = F.conv2d(xc, _cast(weight, dtype), _cast(bias, dtype), stride, padding,
+                         dilation, groups)
+        saved = ()
+        if ctx.needs_input_grad[1]:
+            first = quantizer.pack_with(xc[:, :shapes[0][1]], *first_range)
+            saved = first.tensors + codes
+        ctx.save_for_backward(weight, *saved)
+        ctx.meta = (x.shape, x.dtype, dtype, shapes, size, align_corners, bias is not None,
+                    (stride, padding, dilation, False, [0, 0], groups), len(codes))
         return y
 
     @staticmethod
     def backward(ctx, gy):
         weight, *flat = ctx.saved_tensors
-        shapes, size, align_corners, dtype, has_bias, conv_args = ctx.meta
-        need_w, need_b = ctx.needs_input_grad[2:4]
-        need_pieces = ctx.needs_input_grad[6:]
-        gy = gy.to(dtype)
-        w = _cast(weight, dtype)
+        (x_shape, x_dtype, dtype, shapes, size, align_corners, has_bias, conv_args,
+         n_codes) = ctx.meta
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gy, w = gy.to(dtype), _cast(weight, dtype)
+        gx = gy.new_empty(x_shape) if need_x else None
         gw = torch.empty_like(w) if need_w else None
-        grads, c0 = [], 0
-        for k, (shape, piece_dtype) in enumerate(shapes):
+        c0 = 0
+        for k, shape in enumerate(shapes):
             full = torch.Size((shape[0], shape[1], *size))
-            g_piece = gy.new_empty(shape) if need_pieces[k] else None
-            # Channel blocks of the piece: its channels' gradients read only
-            # their own input channels and weight columns (exact per block).
+            # Channel blocks: their gradients read only their own input channels
+            # and weight columns (exact per block); a block bounds the
+            # dequantized copy.
             blocks = _channel_blocks(full, dtype, conv_args[-1]) if need_w else 1
             step = -(-shape[1] // blocks)
             for s0 in range(0, shape[1], step):
                 s1 = min(shape[1], s0 + step)
                 if need_w:
                     x_hat = _unpack_channels(Packed(*flat[3 * k:3 * k + 3]), shape, dtype, s0, s1)
-                    if k:
+                    if k:  # the map as the concatenation held it
                         x_hat = F.interpolate(x_hat, size=size, mode='bilinear',
                                               align_corners=align_corners)
                 else:  # the input gradient reads the input's shape alone
                     x_hat = gy.new_zeros(()).expand(full[0], s1 - s0, *size)
-                gx, gw_block, _ = torch.ops.aten.convolution_backward(
+                g_block, gw_block, _ = torch.ops.aten.convolution_backward(
                     gy, x_hat, w[:, c0 + s0:c0 + s1].contiguous(), None, *conv_args,
-                    [need_pieces[k], need_w, False])
+                    [need_x, need_w, False])
                 del x_hat
                 if need_w:
                     gw[:, c0 + s0:c0 + s1] = gw_block
-                if need_pieces[k]:
-                    if k:  # the adjoint of the upsampling
-                        gx = torch.ops.aten.upsample_bilinear2d_backward(
-                            gx, list(size), [shape[0], s1 - s0, *shape[2:]], align_corners)
-                    g_piece[:, s0:s1] = gx
-            grads.append(None if g_piece is None else g_piece.to(piece_dtype))
+                if need_x:
+                    gx[:, c0 + s0:c0 + s1] = g_block
+                del g_block, gw_block
             c0 += shape[1]
         gb = gy.sum((0, 2, 3)).to(weight.dtype) if has_bias and need_b else None
-        return (None, None, None if gw is None else gw.to(weight.dtype), gb, None, None,
-                *grads)
+        return (None if gx is None else gx.to(x_dtype),
+                None if gw is None else gw.to(weight.dtype), gb,
+                *(None,) * (6 + n_codes))
 
 
-def resize_cat_conv2d(pieces: Sequence[torch.Tensor], size: Tuple[int, int],
-                      align_corners: bool, weight: torch.Tensor,
+def resize_cat_conv2d(maps: List[torch.Tensor], align_corners: bool, weight: torch.Tensor,
                       bias: Optional[torch.Tensor], stride, padding, dilation, groups: int,
                       quantizer: ActivationQuantizer) -> torch.Tensor:
-    """``F.conv2d(torch.cat([pieces[0], *resized others], 1), ...)`` (int padding;
-    exact) storing every piece at its own resolution, in 8 bits by ``quantizer``
-    (one running range over the concatenation's channel groups)."""
+    """``F.conv2d(torch.cat([maps[0], *others resized to maps[0]'s size], 1), ...)``
+    (bilinear; int padding, ungrouped; exact) storing every map at its own
+    resolution, in 8 bits by ``quantizer`` (one running range over the
+    concatenation's channel groups, which every map must hold whole).
+
+    ``maps`` is emptied: its maps are released once concatenated, as mmseg's
+    UPerHead releases them, so that only the concatenation is held while the
+    convolution runs.
+    """
+    size = tuple(maps[0].shape[2:])
+    shapes = [m.shape for m in maps]
     with _owned_by(quantizer):
-        return _ResizeCatConv2d.apply(tuple(size), align_corners, weight, bias,
-                                      (tuple(stride), tuple(padding), tuple(dilation), groups),
-                                      quantizer, *pieces)
+        first_range, codes = None, ()
+        if weight.requires_grad:
+            dtype = _compute_dtype(maps[0], 'lower')
+            with torch.no_grad():
+                ranges = quantizer.block_ranges([_cast(m.detach(), dtype) for m in maps])
+                codes = tuple(t for m, r in zip(maps[1:], ranges[1:])
+                              for t in quantizer.pack_with(_cast(m.detach(), dtype), *r).tensors)
+            first_range = ranges[0]
+        x = torch.cat(_resize_all(maps, size, align_corners), 1)
+        maps.clear()
+        return _ConvOfResizedCat.apply(
+            x, weight, bias, (tuple(stride), tuple(padding), tuple(dilation), groups),
+            quantizer, first_range, shapes, size, align_corners, *codes)
 
 
 # ------------------------------------------------------ module-level helpers
@@ -488,22 +510,23 @@ def shared_input_linears(x: torch.Tensor,
     return tuple(m(x) for m in linears)
 
 
-def resized_cat_conv(pieces: Sequence[torch.Tensor], align_corners: bool,
+def resized_cat_conv(maps: List[torch.Tensor], align_corners: bool,
                      conv: nn.Module) -> torch.Tensor:
-    """``conv(torch.cat([pieces[0], *others resized to pieces[0]'s size], 1))``
-    (bilinear, UPerHead's bottleneck input); the pieces are stored at their own
+    """``conv(torch.cat([maps[0], *others resized to maps[0]'s size], 1))``
+    (bilinear, UPerHead's bottleneck input); the maps are stored at their own
     resolution instead of the concatenation at the full one when ``conv`` is a
     zero-padded, ungrouped Mesa Conv2d running Mesa with quantization groups
-    along channels (dim 1) that each piece holds whole."""
-    size = tuple(pieces[0].shape[2:])
+    along channels (dim 1) that each map holds whole. ``maps`` is emptied
+    either way (see :func:`resize_cat_conv2d`)."""
     if (store_once_enabled() and _runs_as(conv, MesaConv2d) and conv.padding_mode == 'zeros'
             and not isinstance(conv.padding, str) and conv.groups == 1
             and conv.quantizer.dim == 1
-            and _mesa_on(conv, pieces[0]) and _whole_groups(pieces, conv.quantizer.groups)):
-        return resize_cat_conv2d(pieces, size, align_corners, conv.weight, conv.bias,
-                                 conv.stride, conv.padding, conv.dilation, conv.groups,
-                                 conv.quantizer)
-    return conv(torch.cat(_resize_all(pieces, size, align_corners), 1))
+            and _mesa_on(conv, maps[0]) and _whole_groups(maps, conv.quantizer.groups)):
+        return resize_cat_conv2d(maps, align_corners, conv.weight, conv.bias, conv.stride,
+                                 conv.padding, conv.dilation, conv.groups, conv.quantizer)
+    x = torch.cat(_resize_all(maps, tuple(maps[0].shape[2:]), align_corners), 1)
+    maps.clear()
+    return conv(x)
 
 
 def _whole_groups(pieces: Sequence[torch.Tensor], groups: int) -> bool:
