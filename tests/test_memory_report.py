@@ -279,12 +279,16 @@ def test_report_files_and_figures(report):
     for r in (base, mesa):
         assert r['model']['checkpointing'] is False and r['model']['precision'] == 'fp32'
     assert rep['environment']['cpu_count'] == os.cpu_count()
-    # Two independent measurements agree: what Mesa saves in peak training
-    # memory (allocator events) is what it saves in activation memory
-    # (autograd's saved tensors), up to transient buffers
+    # Two independent measurements agree: what Mesa saves in activation memory
+    # (autograd's saved tensors) shows in the peak (allocator events), and the
+    # peak saves at most that plus the loss's transients: mmseg's loss backward
+    # holds batch-wide full-resolution score maps (two of 2 x 150 x 192 x 192
+    # floats), the streamed fused loss one block of classes.
     peak_saved = base['peak'] - mesa['peak']
     act_saved = base['activation']['total'] - mesa['activation']['total']
-    assert 0.75 * peak_saved <= act_saved <= 1.05 * peak_saved, (peak_saved, act_saved)
+    score_maps = 2 * 150 * 192 * 192 * 4
+    assert act_saved <= 1.05 * peak_saved, (peak_saved, act_saved)
+    assert peak_saved <= act_saved + 2 * score_maps, (peak_saved, act_saved)
     # Mesa keeps 8-bit codes: activation memory well under half, peak lower
     assert mesa['ratios']['activation'] < 0.4 and mesa['ratios']['peak'] < 0.8
     assert mesa['activation']['by_part']['backbone.stage1']['compressed'] > 0
