@@ -23,8 +23,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..memory.measure import (RunSpec, build_training, load_cfg, load_initial_weights,
-                              save_initial_weights, synthetic_batch)
+from ..memory.measure import (RunSpec, build_training, input_channels, load_cfg,
+                              load_initial_weights, save_initial_weights, synthetic_batch)
 from ..strategies import STRATEGIES
 
 __all__ = ['time_interleaved', 'format_result', 'main']
@@ -40,7 +40,7 @@ def _build(config: str, strategy: str, size: Tuple[int, int], batch: int, seed: 
         save_initial_weights(model, weights)
     else:
         load_initial_weights(model, weights)
-    channels = len((cfg.model.get('data_preprocessor') or {}).get('mean') or [0] * 3)
+    channels = input_channels(cfg)
     return model, optim_wrapper, synthetic_batch(model, batch, hw, seed, channels)
 
 

@@ -149,6 +149,11 @@ def load_cfg(spec: RunSpec):
     return cfg, tuple(size)
 
 
+def input_channels(cfg) -> int:
+    """Image channels the config's data preprocessor normalizes (3 without one)."""
+    return len((cfg.model.get('data_preprocessor') or {}).get('mean') or [0] * 3)
+
+
 def build_training(cfg, device: str):
     """Model (training mode, on ``device``) and optimizer wrapper, as mmengine's
     Runner builds them."""
@@ -372,7 +377,7 @@ def _measure(spec: RunSpec, own_capture: Optional[str],
     if cuda and not torch.cuda.is_available():
         raise RuntimeError('--device cuda: no CUDA device is available')
     cfg, size = load_cfg(spec)
-    channels = len((cfg.model.get('data_preprocessor') or {}).get('mean') or [0] * 3)
+    channels = input_channels(cfg)
     result: Dict = dict(spec=asdict(spec), size=list(size), device=spec.device,
                         torch_threads=torch.get_num_threads(), oom=False)
     clock = _Clock(spec.device)
