@@ -161,29 +161,37 @@ class _Conv2d(Function):
                 gy, x_hat, w, [weight.shape[0]] if has_bias else None, *conv_args,
                 [need[0], need[1], has_bias and need[2]])
         else:
-            # Input channel c's gradients read only x[:, c] and w[:, c]: exact per block.
             gx = gy.new_empty(shape) if need[0] else None
             gw = torch.empty_like(w)
             step = -(-shape[1] // blocks)
             for c0 in range(0, shape[1], step):
                 c1 = min(shape[1], c0 + step)
-                x_hat = _unpack_channels(packed, shape, dt, c0, c1)
-                # A contiguous weight block: torch reads the slice's strides (input
-                # channels innermost) as channels-last and would convert the input
-                # and output gradients to that layout and back, block by block.
-                gx_c, gw_c, _ = torch.ops.aten.convolution_backward(
-                    gy, x_hat, w[:, c0:c1].contiguous(), None, *conv_args,
-                    [need[0], True, False])
-                del x_hat
-                if gx is not None:
-                    gx[:, c0:c1] = gx_c
-                gw[:, c0:c1] = gw_c
-                del gx_c, gw_c
+                _conv_backward_channels(gy, _unpack_channels(packed, shape, dt, c0, c1), w,
+                                       conv_args, c0, gx, gw)
             gb = gy.sum((0, 2, 3)) if has_bias and need[2] else None
         return (None if gx is None else gx.to(x_dtype),
                 None if gw is None else gw.to(weight.dtype),
                 None if gb is None else gb.to(weight.dtype),
                 None, None, None, None, None)
+
+
+def _conv_backward_channels(gy: torch.Tensor, x_block: torch.Tensor, w: torch.Tensor,
+                           conv_args: tuple, c0: int, gx: Optional[torch.Tensor],
+                           gw: Optional[torch.Tensor]) -> None:
+    """Input channels ``c0:c0 + x_block.shape[1]``'s part of an ungrouped conv's
+    backward, written into ``gx`` / ``gw`` (None: not needed). Exact: input
+    channel c's gradients read only ``x[:, c]`` and ``w[:, c]``."""
+    c1 = c0 + x_block.shape[1]
+    # A contiguous weight block: torch reads the slice's strides (input channels
+    # innermost) as channels-last and would convert the input and output
+    # gradients to that layout and back, block by block.
+    gx_c, gw_c, _ = torch.ops.aten.convolution_backward(
+        gy, x_block, w[:, c0:c1].contiguous(), None, *conv_args,
+        [gx is not None, gw is not None, False])
+    if gx is not None:
+        gx[:, c0:c1] = gx_c
+    if gw is not None:
+        gw[:, c0:c1] = gw_c
 
 
 def _channel_blocks(shape: torch.Size, dtype: torch.dtype, groups: int) -> int:

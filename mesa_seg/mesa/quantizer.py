@@ -101,11 +101,6 @@ class ActivationQuantizer(RunningRange):
         seed = self._next_seed() if self.config.stochastic_rounding else None
         return Packed(quantize(x3, lo, rng, seed), lo, rng)
 
-    def pack_blocks(self, blocks: Sequence[torch.Tensor]) -> List[Packed]:
-        """:meth:`block_ranges`, then every block quantized with its range."""
-        return [self.pack_with(b, lo, rng)
-                for b, (lo, rng) in zip(blocks, self.block_ranges(blocks))]
-
     def _next_seed(self) -> torch.Tensor:
         self.rounding_step.add_(1)  # on the device: no host synchronisation
         return (self.rounding_step * _STEP_STRIDE + self.rounding_salt

@@ -44,7 +44,7 @@ from torch.autograd import Function
 
 from .modules import MesaConv2d, MesaGELU, MesaLinear, MesaMatMul, MesaModule, MesaSoftmax
 from .ops import (_NOT_SAVED, _autocast_copy, _cast, _channel_blocks, _compute_dtype, _load,
-                  _no_autocast, _pack_if, _save, _unpack_channels)
+                  _no_autocast, _pack_if, _save, _unpack_channels, _conv_backward_channels)
 from .quantizer import ActivationQuantizer, Packed
 
 __all__ = [
@@ -401,15 +401,8 @@ class _ConvOfResizedCat(Function):
                                               align_corners=align_corners)
                 else:  # the input gradient reads the input's shape alone
                     x_hat = gy.new_zeros(()).expand(full[0], s1 - s0, *size)
-                g_block, gw_block, _ = torch.ops.aten.convolution_backward(
-                    gy, x_hat, w[:, c0 + s0:c0 + s1].contiguous(), None, *conv_args,
-                    [need_x, need_w, False])
+                _conv_backward_channels(gy, x_hat, w, conv_args, c0 + s0, gx, gw)
                 del x_hat
-                if need_w:
-                    gw[:, c0 + s0:c0 + s1] = gw_block
-                if need_x:
-                    gx[:, c0 + s0:c0 + s1] = g_block
-                del g_block, gw_block
             c0 += shape[1]
         gb = gy.sum((0, 2, 3)).to(weight.dtype) if has_bias and need_b else None
         return (None if gx is None else gx.to(x_dtype),
