@@ -74,7 +74,7 @@ def test_running_range_is_the_concatenations():
     whole = ActivationQuantizer(QuantizerConfig(groups=12), dim=1)
     pieces = copy.deepcopy(whole)
     whole.pack(torch.cat(maps, 1))
-    packed = pieces.pack_blocks(maps)
+    packed = [pieces.pack_with(m, *r) for m, r in zip(maps, pieces.block_ranges(maps))]
     torch.testing.assert_close(pieces.running_min, whole.running_min, rtol=0, atol=0)
     torch.testing.assert_close(pieces.running_range, whole.running_range, rtol=0, atol=0)
     assert [p.q.shape for p in packed] == [(2, 4, 64)] * 3
@@ -83,7 +83,7 @@ def test_running_range_is_the_concatenations():
 def test_pieces_must_hold_whole_groups():
     quantizer = ActivationQuantizer(QuantizerConfig(groups=4), dim=1)  # 3 channels a group
     with pytest.raises(ValueError, match='whole groups'):
-        quantizer.pack_blocks([torch.randn(1, 4, 2, 2), torch.randn(1, 8, 2, 2)])
+        quantizer.block_ranges([torch.randn(1, 4, 2, 2), torch.randn(1, 8, 2, 2)])
 
 
 def _mesa_conv(groups='channels'):
@@ -167,10 +167,10 @@ def _uper_heads():
     return ref, mesa, store_once
 
 
-def _head_step(head, seed=1):
+def _head_step(head, seed=1, channels=(8, 16, 32, 64)):
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(2, c, 32 >> i, 32 >> i, generator=g).requires_grad_()
-          for i, c in enumerate([8, 16, 32, 64])]
+          for i, c in enumerate(channels)]
     torch.manual_seed(seed)  # dropout
     y, nbytes = saved_bytes(lambda: head(xs), exclude=list(head.parameters())
                             + list(head.buffers()))
@@ -178,14 +178,18 @@ def _head_step(head, seed=1):
     return y, nbytes, {n: p.grad for n, p in head.named_parameters()}
 
 
-def test_store_once_uperhead_exact_fewer_bytes_close_gradients():
-    ref, mesa, store_once = _uper_heads()
-    y_ref, ref_bytes, g_ref = _head_step(ref)
-    y_mesa, mesa_bytes, g_mesa = _head_step(mesa)
-    y, nbytes, g = _head_step(store_once)
+@pytest.mark.parametrize('kind', ['uperhead', 'segformer_head'])
+def test_store_once_head_exact_fewer_bytes_close_gradients(kind):
+    if kind == 'uperhead':
+        (ref, mesa, store_once), channels = _uper_heads(), (8, 16, 32, 64)
+    else:
+        (ref, mesa, store_once), channels = _segformer_heads(), SEGFORMER_CHANNELS
+    y_ref, _, g_ref = _head_step(ref, channels=channels)
+    y_mesa, mesa_bytes, g_mesa = _head_step(mesa, channels=channels)
+    y, nbytes, g = _head_step(store_once, channels=channels)
     assert torch.equal(y, y_ref) and torch.equal(y_mesa, y_ref)
-    # The three upsampled quarters of the 64-channel, 32x32 concatenation
-    # (8-bit) are stored at 16x16, 8x8 and 4x4 instead.
+    # The fusing conv's input, four 16-channel maps concatenated at 32x32
+    # (8-bit): its three upsampled quarters are stored at 16x16, 8x8 and 4x4.
     dropped = 2 * 16 * (3 * 32 * 32 - (16 * 16 + 8 * 8 + 4 * 4))
     assert mesa_bytes - nbytes == dropped
     assert store_once.state_dict().keys() == mesa.state_dict().keys()
@@ -214,3 +218,52 @@ def test_segmentor_swaps_uperhead_only_with_mesa_on():
     assert 'StoreOnceUPerHead' in [c.__name__ for c in type(head).__mro__]
     plain = MODELS.build(dict(model, mesa=None)).decode_head
     assert 'StoreOnceUPerHead' not in [c.__name__ for c in type(plain).__mro__]
+
+
+# ------------------------------------------------------------- SegformerHead
+SEGFORMER_CHANNELS = [8, 16, 24, 32]
+
+
+def _segformer_heads(interpolate_mode='bilinear'):
+    from mmseg.models.decode_heads import SegformerHead
+
+    from mesa_seg.models.decode_heads import StoreOnceSegformerHead, store_once_heads_
+    from mesa_seg.models.segmentors import HEAD_MESA_DEFAULTS
+    torch.manual_seed(0)
+    ref = SegformerHead(in_channels=SEGFORMER_CHANNELS, in_index=[0, 1, 2, 3], channels=16,
+                        num_classes=5, dropout_ratio=0.1, interpolate_mode=interpolate_mode,
+                        norm_cfg=dict(type='BN', requires_grad=True),
+                        # torch refuses align_corners for 'nearest'
+                        align_corners=False if interpolate_mode == 'bilinear' else None)
+    mesa = mesafy_(copy.deepcopy(ref), MesaPolicy.from_arg({}, HEAD_MESA_DEFAULTS))
+    store_once = copy.deepcopy(mesa)
+    assert store_once_heads_(store_once) == 1 and type(store_once) is StoreOnceSegformerHead
+    return ref, mesa, store_once
+
+
+@pytest.mark.parametrize('case', ['eval', 'nearest'])
+def test_store_once_segformer_head_is_mmseg_where_it_does_not_apply(case):
+    ref, mesa, store_once = _segformer_heads('nearest' if case == 'nearest' else 'bilinear')
+    if case == 'eval':
+        ref.eval(), mesa.eval(), store_once.eval()
+    y_ref, _, _ = _head_step(ref, channels=SEGFORMER_CHANNELS)
+    y_mesa, mesa_bytes, _ = _head_step(mesa, channels=SEGFORMER_CHANNELS)
+    y, nbytes, _ = _head_step(store_once, channels=SEGFORMER_CHANNELS)
+    assert torch.equal(y, y_ref)
+    assert nbytes == mesa_bytes  # the plain Mesa head's storage, nothing dropped
+
+
+def test_segmentor_swaps_segformer_head_with_mesa_on():
+    from mmseg.registry import MODELS
+    model = dict(
+        type='MesaEncoderDecoder', mesa=dict(),
+        backbone=dict(type='MixVisionTransformer', in_channels=3, embed_dims=8,
+                      num_stages=4, num_layers=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                      patch_sizes=[7, 3, 3, 3], sr_ratios=[8, 4, 2, 1]),
+        decode_head=dict(type='SegformerHead', in_channels=[8, 16, 32, 64],
+                         in_index=[0, 1, 2, 3], channels=16, num_classes=3,
+                         norm_cfg=dict(type='BN')))
+    head = MODELS.build(model).decode_head
+    assert 'StoreOnceSegformerHead' in [c.__name__ for c in type(head).__mro__]
+    plain = MODELS.build(dict(model, mesa=None)).decode_head
+    assert 'StoreOnceSegformerHead' not in [c.__name__ for c in type(plain).__mro__]

@@ -1,5 +1,5 @@
-"""mmseg's ``UPerHead`` storing its bottleneck's input at the resolutions it
-is made of.
+"""mmseg's ``UPerHead`` and ``SegformerHead`` storing the input of their
+fusing convolution at the resolutions it is made of.
 
 UPerHead's bottleneck convolution reads the concatenation of four maps at ¼
 resolution, three of them bilinear upsamplings of ⅛, 1/16 and 1/32-resolution
@@ -7,18 +7,21 @@ maps. Under Mesa the convolution keeps an 8-bit copy of the whole
 concatenation: for UperNet-Swin-T at 512x512, batch 2, 64 MiB, three quarters
 of it upsampled pixels. :class:`StoreOnceUPerHead` keeps the four maps at their
 own resolution (21 MiB there) and upsamples them again in backward
-(:func:`~mesa_seg.mesa.shared_ops.resized_cat_conv`). A class swap
-(:func:`store_once_heads_`): same modules, ``state_dict`` and forward output.
+(:func:`~mesa_seg.mesa.shared_ops.resized_cat_conv`). SegFormer's all-MLP head
+does the same with its four 256-channel maps before ``fusion_conv``
+(:class:`StoreOnceSegformerHead`; MiT-B0 at 512x512, batch 2: 32 MiB of codes
+become 11). Class swaps (:func:`store_once_heads_`): same modules,
+``state_dict`` and forward output.
 """
 import torch
-from mmseg.models.decode_heads import UPerHead
+from mmseg.models.decode_heads import SegformerHead, UPerHead
 from mmseg.models.utils import resize
 from torch import nn
 
 from ..mesa.shared_ops import resized_cat_conv
 from .torch_layers import swap_classes_
 
-__all__ = ['StoreOnceUPerHead', 'store_once_heads_']
+__all__ = ['StoreOnceUPerHead', 'StoreOnceSegformerHead', 'store_once_heads_']
 
 
 class StoreOnceUPerHead(UPerHead):
@@ -43,14 +46,36 @@ class StoreOnceUPerHead(UPerHead):
             fpn_outs[1:] = [resize(out, size=fpn_outs[0].shape[2:], mode='bilinear',
                                    align_corners=self.align_corners) for out in fpn_outs[1:]]
             return bottleneck(torch.cat(fpn_outs, dim=1))
-        # ConvModule's forward for order (conv, norm, act), its conv reading
-        # the concatenation of the resized maps.
-        feats = resized_cat_conv(fpn_outs, self.align_corners, bottleneck.conv)
-        if bottleneck.with_norm:
-            feats = bottleneck.norm(feats)
-        if bottleneck.with_activation:
-            feats = bottleneck.activate(feats)
-        return feats
+        return _conv_module_of_resized_cat(bottleneck, fpn_outs, self.align_corners)
+
+
+class StoreOnceSegformerHead(SegformerHead):
+    """mmseg's ``SegformerHead`` whose ``fusion_conv`` stores its input maps at
+    their own resolution (training, bilinear resizing, Mesa on the
+    convolution); otherwise exactly mmseg's forward."""
+
+    def forward(self, inputs):
+        if not (self.training and self.interpolate_mode == 'bilinear'
+                and _plain_conv_module(self.fusion_conv)):
+            return super().forward(inputs)
+        # mmseg 1.2.2's SegformerHead.forward. It also resizes the first map to
+        # its own size: bilinear at scale 1 returns the map's values unchanged.
+        inputs = self._transform_inputs(inputs)
+        outs = [conv(x) for conv, x in zip(self.convs, inputs)]
+        out = _conv_module_of_resized_cat(self.fusion_conv, outs, self.align_corners)
+        return self.cls_seg(out)
+
+
+def _conv_module_of_resized_cat(module: nn.Module, maps, align_corners: bool):
+    """An mmcv ``ConvModule`` (conv, norm, act) applied to the concatenation of
+    ``maps`` resized to the first one's size, its conv storing the maps at
+    their own resolution (:func:`resized_cat_conv`; empties ``maps``)."""
+    feats = resized_cat_conv(maps, align_corners, module.conv)
+    if module.with_norm:
+        feats = module.norm(feats)
+    if module.with_activation:
+        feats = module.activate(feats)
+    return feats
 
 
 def _plain_conv_module(module: nn.Module) -> bool:
@@ -60,10 +85,10 @@ def _plain_conv_module(module: nn.Module) -> bool:
             and isinstance(getattr(module, 'conv', None), nn.Conv2d))
 
 
-_STORE_ONCE = {UPerHead: StoreOnceUPerHead}
+_STORE_ONCE = {UPerHead: StoreOnceUPerHead, SegformerHead: StoreOnceSegformerHead}
 
 
 def store_once_heads_(model: nn.Module) -> int:
-    """Swap every mmseg ``UPerHead`` in ``model`` for :class:`StoreOnceUPerHead`,
-    in place; returns how many."""
+    """Swap every mmseg ``UPerHead`` / ``SegformerHead`` in ``model`` for its
+    store-once class, in place; returns how many."""
     return swap_classes_(model, _STORE_ONCE)
