@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ..strategies import add_strategy_argument
 from .measure import RunSpec, progress_units
-from .meters import MALLOC_ENV
+from .meters import RSS_MALLOC
 from .report import MiB, add_ratios, main_table, write_json, write_markdown
 from .sweep import largest_batch
 from .worker import MeasurementError, run_isolated
@@ -97,7 +97,7 @@ def _environment(results: List[Dict], device: str) -> Dict:
         for r in results if r.get('model')})
     return dict(describe_machine(device),
                 torch_threads=max((r.get('torch_threads', 0) for r in results), default=0),
-                precision=' / '.join(precisions) or 'fp32', malloc_env=dict(MALLOC_ENV),
+                precision=' / '.join(precisions) or 'fp32', rss_malloc=dict(RSS_MALLOC),
                 mesa_backend=next((r['mesa_backend'] for r in results if 'mesa_backend' in r),
                                   None),
                 mesa_compile_failed=any(r.get('mesa_compile_failed') for r in results))

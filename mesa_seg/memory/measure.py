@@ -16,10 +16,13 @@ Order of a full measurement:
    output, see :class:`StepCapture`) — on CPU with the allocator traced (see
    :class:`~mesa_seg.memory.meters.CPUAllocatorTrace`), for the absolute level;
 2. ``steps`` timed steps (CUDA: the peak is ``max_memory_allocated`` over
-   them), peak RSS and RSS growth read around each (the heap trimmed first);
+   them), with glibc's default allocator settings, as in training; then glibc
+   is set to give freed memory back (:func:`~mesa_seg.memory.meters.malloc_for_rss`);
 3. CPU: one more step with the allocator traced, for the peak;
-4. one audited forward (no backward) for the activation breakdown;
-5. with ``compare_to``: the captured step against a reference run's
+4. one step with peak RSS and RSS growth read around it (the heap trimmed
+   first);
+5. one audited forward (no backward) for the activation breakdown;
+6. with ``compare_to``: the captured step against a reference run's
    (:func:`compare_captures`).
 """
 from __future__ import annotations
@@ -37,7 +40,8 @@ import torch
 from torch import nn
 
 from .breakdown import activation_breakdown
-from .meters import CPUAllocatorTrace, peak_rss_bytes, reset_peak_rss, rss_bytes, trim_heap
+from .meters import (CPUAllocatorTrace, malloc_for_rss, peak_rss_bytes, reset_peak_rss,
+                     rss_bytes, trim_heap)
 
 __all__ = ['RunSpec', 'measure', 'load_cfg', 'crop_size_of', 'build_training',
            'synthetic_batch', 'save_initial_weights', 'load_initial_weights',
@@ -415,20 +419,19 @@ def _measure(spec: RunSpec, own_capture: Optional[str],
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             result['step_start'] = torch.cuda.memory_allocated()
-        times, cpu_times, rss_peaks, rss_growth = [], [], [], []
+        times, cpu_times = [], []
         # A CPU probe needs only the traced step; a CUDA probe's peak is one step's.
         timed = (1 if cuda else 0) if spec.peak_only else spec.steps
         for _ in range(timed):
-            trim_heap()
-            rss0 = rss_bytes()
-            reset_peak_rss()
             t0, c0 = clock(), time.process_time()
             log_vars = model.train_step(data, optim_wrapper)
             times.append(clock() - t0)
             cpu_times.append(time.process_time() - c0)
-            rss_peaks.append(peak_rss_bytes())
-            rss_growth.append(rss_peaks[-1] - rss0)
             progress('step')
+        if not spec.peak_only:
+            # From here on, freed memory goes back to the kernel; the traced step
+            # (CPU) lets the heap settle under that setting before RSS is read.
+            malloc_for_rss()
         if cuda:
             result.update(peak_source='torch.cuda.max_memory_allocated',
                           peak=torch.cuda.max_memory_allocated(),
@@ -446,6 +449,12 @@ def _measure(spec: RunSpec, own_capture: Optional[str],
                           step_drift=trace.end_level - start, peak_at=trace.peak_ops('step'))
         if spec.peak_only:
             return result
+        trim_heap()
+        rss0 = rss_bytes()
+        reset_peak_rss()
+        log_vars = model.train_step(data, optim_wrapper)
+        peak_rss = peak_rss_bytes()
+        progress('rss step')
     except torch.OutOfMemoryError:
         if not cuda:
             raise
@@ -456,7 +465,7 @@ def _measure(spec: RunSpec, own_capture: Optional[str],
         # CPU seconds of all this process's threads: less sensitive than wall
         # time to other processes sharing the machine
         step_cpu_time=dict(median=statistics.median(cpu_times), all=cpu_times),
-        peak_rss=max(rss_peaks), rss_step_growth=max(rss_growth),
+        peak_rss=peak_rss, rss_step_growth=peak_rss - rss0,
         params=_unique_bytes(model.parameters()),
         buffers=_unique_bytes(model.buffers()),
         optimizer_state=_unique_bytes(_optimizer_state(optim_wrapper)),
@@ -482,7 +491,7 @@ def progress_units(spec: RunSpec) -> int:
     cpu = spec.device == 'cpu'
     if spec.peak_only:
         return 1 + spec.warmup + 1
-    return 1 + spec.warmup + int(cpu) + spec.steps + 1
+    return 1 + spec.warmup + spec.steps + int(cpu) + 1 + 1  # ... traced, rss step, audit
 
 
 def _loss_label(model: nn.Module) -> str:

@@ -23,15 +23,30 @@ from typing import Dict, Iterator, List, Optional, Tuple
 from torch.profiler import ProfilerActivity, profile, record_function
 
 __all__ = ['CPUAllocatorTrace', 'rss_bytes', 'peak_rss_bytes', 'reset_peak_rss',
-           'trim_heap', 'MALLOC_ENV']
+           'trim_heap', 'RSS_MALLOC', 'malloc_for_rss']
 
 MiB = 1024 ** 2
 
-#: glibc settings for measurement subprocesses: allocations above 64 KiB get
+#: glibc settings for the step whose RSS is read: allocations above 64 KiB get
 #: their own mmap and go back to the kernel when freed, so the process RSS
 #: follows the live tensor bytes (with glibc's default dynamic threshold, freed
-#: tensors stay in the heap and RSS grows 2-3x more than the allocator's figure).
-MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': '65536', 'MALLOC_TRIM_THRESHOLD_': '0'}
+#: tensors stay in the heap and RSS grows 2-3x more than the allocator's
+#: figure). Not for timed steps: an mmap and page faults for every such
+#: allocation slow a step, most where it allocates most often (Mesa), and
+#: training runs with glibc's defaults.
+RSS_MALLOC = {'M_MMAP_THRESHOLD': 65536, 'M_TRIM_THRESHOLD': 0}
+_MALLOPT_PARAM = {'M_TRIM_THRESHOLD': -1, 'M_MMAP_THRESHOLD': -3}
+
+
+def malloc_for_rss() -> bool:
+    """Apply :data:`RSS_MALLOC` to this process (glibc ``mallopt``), for good:
+    call it after the timed steps. Returns False without glibc."""
+    try:
+        libc = ctypes.CDLL(None)
+        return all(libc.mallopt(_MALLOPT_PARAM[k], v) == 1 for k, v in RSS_MALLOC.items())
+    except (OSError, AttributeError):
+        return False
+
 
 _STATUS = '/proc/self/status'
 

@@ -276,9 +276,9 @@ def write_markdown(report: Dict, path: str) -> None:
     if cpu:
         lines += ['', '## Cross-check: allocator events vs RSS', '',
                   'Growth over one training step, measured two independent ways '
-                  '(measurement processes run with `' +
-                  ' '.join(f'{k}={v}' for k, v in env['malloc_env'].items()) +
-                  '` so freed tensors return to the kernel).', '']
+                  '(that step, after the timed ones, runs with glibc `mallopt` ' +
+                  ' '.join(f'{k}={v}' for k, v in env['rss_malloc'].items()) +
+                  ' so freed tensors return to the kernel).', '']
         lines += crosscheck_table(results)
     lines.append('')
     with open(path, 'w') as f:

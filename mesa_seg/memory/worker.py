@@ -1,7 +1,7 @@
 """One measurement per fresh process: the parent side and the child side.
 
 Parent: :func:`run_isolated` starts ``python -m mesa_seg.memory.worker SPEC OUT``
-with :data:`~mesa_seg.memory.meters.MALLOC_ENV`, streams the child's output
+(glibc's default allocator settings, as in training), streams the child's output
 into a log file, forwards its progress lines and returns the result it wrote.
 Child: :func:`main` runs :func:`~mesa_seg.memory.measure.measure`.
 """
@@ -19,7 +19,6 @@ from collections import deque
 from dataclasses import asdict
 from typing import Callable, Dict, Optional
 
-from .meters import MALLOC_ENV
 
 __all__ = ['run_isolated', 'MeasurementError', 'error_line']
 
@@ -70,7 +69,7 @@ def run_isolated(spec, log_path: Optional[str] = None,
     Raises:
         MeasurementError: the child exited non-zero or wrote no result.
     """
-    env = dict(os.environ, PYTHONUNBUFFERED='1', **MALLOC_ENV)
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
     with tempfile.TemporaryDirectory(prefix='mesa-memory-') as tmp:
         spec_path, out_path = os.path.join(tmp, 'spec.json'), os.path.join(tmp, 'result.json')
         with open(spec_path, 'w') as f:
