@@ -205,19 +205,31 @@ def test_store_once_uperhead_eval_is_mmseg():
         assert torch.equal(store_once(xs), ref(xs))
 
 
-def test_segmentor_swaps_uperhead_only_with_mesa_on():
-    from mmseg.registry import MODELS
-    model = dict(
-        type='MesaEncoderDecoder', mesa=dict(),
+SEGMENTOR_HEADS = {
+    'StoreOnceUPerHead': dict(
         backbone=dict(type='ResNetV1c', depth=18, num_stages=4, out_indices=(0, 1, 2, 3),
                       norm_cfg=dict(type='BN')),
         decode_head=dict(type='UPerHead', in_channels=[64, 128, 256, 512],
                          in_index=[0, 1, 2, 3], pool_scales=(1, 2), channels=16,
-                         num_classes=3, norm_cfg=dict(type='BN')))
+                         num_classes=3, norm_cfg=dict(type='BN'))),
+    'StoreOnceSegformerHead': dict(
+        backbone=dict(type='MixVisionTransformer', in_channels=3, embed_dims=8,
+                      num_stages=4, num_layers=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                      patch_sizes=[7, 3, 3, 3], sr_ratios=[8, 4, 2, 1]),
+        decode_head=dict(type='SegformerHead', in_channels=[8, 16, 32, 64],
+                         in_index=[0, 1, 2, 3], channels=16, num_classes=3,
+                         norm_cfg=dict(type='BN'))),
+}
+
+
+@pytest.mark.parametrize('store_once_class', sorted(SEGMENTOR_HEADS))
+def test_segmentor_swaps_head_only_with_mesa_on(store_once_class):
+    from mmseg.registry import MODELS
+    model = dict(type='MesaEncoderDecoder', mesa=dict(), **SEGMENTOR_HEADS[store_once_class])
     head = MODELS.build(model).decode_head
-    assert 'StoreOnceUPerHead' in [c.__name__ for c in type(head).__mro__]
+    assert store_once_class in [c.__name__ for c in type(head).__mro__]
     plain = MODELS.build(dict(model, mesa=None)).decode_head
-    assert 'StoreOnceUPerHead' not in [c.__name__ for c in type(plain).__mro__]
+    assert store_once_class not in [c.__name__ for c in type(plain).__mro__]
 
 
 # ------------------------------------------------------------- SegformerHead
@@ -252,18 +264,3 @@ def test_store_once_segformer_head_is_mmseg_where_it_does_not_apply(case):
     assert torch.equal(y, y_ref)
     assert nbytes == mesa_bytes  # the plain Mesa head's storage, nothing dropped
 
-
-def test_segmentor_swaps_segformer_head_with_mesa_on():
-    from mmseg.registry import MODELS
-    model = dict(
-        type='MesaEncoderDecoder', mesa=dict(),
-        backbone=dict(type='MixVisionTransformer', in_channels=3, embed_dims=8,
-                      num_stages=4, num_layers=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
-                      patch_sizes=[7, 3, 3, 3], sr_ratios=[8, 4, 2, 1]),
-        decode_head=dict(type='SegformerHead', in_channels=[8, 16, 32, 64],
-                         in_index=[0, 1, 2, 3], channels=16, num_classes=3,
-                         norm_cfg=dict(type='BN')))
-    head = MODELS.build(model).decode_head
-    assert 'StoreOnceSegformerHead' in [c.__name__ for c in type(head).__mro__]
-    plain = MODELS.build(dict(model, mesa=None)).decode_head
-    assert 'StoreOnceSegformerHead' not in [c.__name__ for c in type(plain).__mro__]

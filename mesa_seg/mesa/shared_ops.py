@@ -43,8 +43,9 @@ from torch import nn
 from torch.autograd import Function
 
 from .modules import MesaConv2d, MesaGELU, MesaLinear, MesaMatMul, MesaModule, MesaSoftmax
-from .ops import (_NOT_SAVED, _autocast_copy, _cast, _channel_blocks, _compute_dtype, _load,
-                  _no_autocast, _pack_if, _save, _unpack_channels, _conv_backward_channels)
+from .ops import (_NOT_SAVED, _autocast_copy, _cast, _channel_blocks, _compute_dtype,
+                  _conv_backward_channels, _load, _no_autocast, _pack_if, _save,
+                  _unpack_channels)
 from .quantizer import ActivationQuantizer, Packed
 
 __all__ = [
