@@ -263,4 +263,3 @@ def test_store_once_segformer_head_is_mmseg_where_it_does_not_apply(case):
     y, nbytes, _ = _head_step(store_once, channels=SEGFORMER_CHANNELS)
     assert torch.equal(y, y_ref)
     assert nbytes == mesa_bytes  # the plain Mesa head's storage, nothing dropped
-
