@@ -8,7 +8,8 @@ a 1-bit mask) plus tiny statistics (per-group ranges, LayerNorm/BatchNorm
 mean and rstd); anything else is an uncompressed activation. The store-once
 ops of :mod:`.shared_ops` run outside the Mesa modules whose quantizers they
 use (a block calls them): their saves are attributed to the module owning the
-quantizer that makes the copy.
+quantizer that makes the copy. Other Mesa storage made outside a Mesa module
+(the fused loss's 8-bit logits) tags its tensors with :func:`mark_compressed`.
 """
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ from .modules import MesaModule
 from .quantizer import ActivationQuantizer
 from .shared_ops import running_quantizer
 
-__all__ = ['SavedTensorRecord', 'audit_saved_tensors', 'summarize', 'format_audit']
+__all__ = ['SavedTensorRecord', 'audit_saved_tensors', 'summarize', 'format_audit',
+           'mark_compressed']
+
+_COMPRESSED_TAG = '_mesa_compressed'
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,15 @@ class SavedTensorRecord:
     dtype: str
     nbytes: int          # 0 when the storage was already counted (a view / re-save)
     compressed: bool     # saved by a Mesa op: uint8 codes/bit masks and their statistics
+
+
+def mark_compressed(*tensors: torch.Tensor) -> None:
+    """Tag ``tensors`` (an op's 8-bit codes and their ranges) as Mesa's
+    compressed copies when autograd saves them: for Mesa storage made outside
+    a Mesa module, whose saves the audit cannot otherwise tell from the
+    op's full-precision ones."""
+    for t in tensors:
+        setattr(t, _COMPRESSED_TAG, True)
 
 
 class _OpTracker(TorchFunctionMode):
@@ -101,7 +114,7 @@ def audit_saved_tensors(model: nn.Module, *inputs,
             module = shared_owner
         # Custom autograd Functions (the Mesa ops) bypass the function mode, so a
         # save with no torch function running inside a Mesa module is a Mesa op's.
-        by_mesa_op = (shared_owner is not None
+        by_mesa_op = (shared_owner is not None or getattr(t, _COMPRESSED_TAG, False)
                       or isinstance(module, MesaModule) and not tracker.stack)
         records.append(SavedTensorRecord(
             module=names.get(id(module), '?'), module_type=type(module).__name__,

@@ -9,7 +9,7 @@ from .config import QuantizerConfig
 from .observer import RunningRange
 from .primitives import batch_min_max, dequantize, group_view, quantize
 
-__all__ = ['ActivationQuantizer', 'Packed']
+__all__ = ['ActivationQuantizer', 'Packed', 'pack_softmax_input']
 
 _SEED_MOD = 2**31 - 1
 _STEP_STRIDE = 1_000_003  # a prime: consecutive steps land far apart in seed space
@@ -110,3 +110,23 @@ class ActivationQuantizer(RunningRange):
     def unpack(packed: Packed, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """Dequantize to a contiguous tensor of ``shape`` and ``dtype``."""
         return dequantize(packed.q, packed.lo, packed.rng, dtype).reshape(shape)
+
+
+@torch.no_grad()
+def pack_softmax_input(scores: torch.Tensor) -> Packed:
+    """8-bit copy of ``scores`` whose softmax is taken along dim 0 (e.g. one
+    image's ``(classes, H, W)`` logits), one group per position.
+
+    Each position's range is its own minimum to maximum, taken from the tensor
+    (not a running estimate: a pixel's class scores are a new distribution
+    every batch), so nothing saturates and the top score, which dominates the
+    softmax, is stored exactly (code 255, up to float32 rounding); rounding is
+    to nearest, since the softmax is nonlinear in the scores and unbiased
+    rounding would not make it unbiased. A narrower range that let the
+    lowest scores saturate would look harmless (their weight is tiny) but is
+    not: for a confident pixel the loss gradient *is* the sum of those tiny
+    weights. :meth:`ActivationQuantizer.unpack` restores ``scores.shape``.
+    """
+    x3 = scores.reshape(scores.shape[0], -1, 1)  # (classes, positions, 1)
+    lo, hi = batch_min_max(x3)
+    return Packed(quantize(x3, lo, hi - lo), lo, hi - lo)

@@ -8,13 +8,19 @@ logits and the per-pixel log-sum-exp, and streams the full-resolution scores
 in blocks of classes (bilinear upsampling treats classes independently): forward
 keeps an online log-sum-exp, the label's score and the argmax; backward
 recomputes one block's upsampled scores, turns them into ``softmax - onehot`` and
-applies the adjoint of the upsampling. Nothing is quantized: loss and gradients
-equal mmseg's up to float summation order, and what either pass allocates at a
-time is one block (16 MiB) instead of an image's score map (150 MiB, twice).
-The full-resolution labels it keeps for backward are
-stored in the smallest integer type that holds every class and the ignore
-index (uint8 for up to 255 classes with ignore_index 255): 1 byte per pixel
-instead of int64's 8.
+applies the adjoint of the upsampling. Loss and gradients equal mmseg's up to
+float summation order, and what either pass allocates at a time is one block
+(16 MiB) instead of an image's score map (150 MiB, twice). The full-resolution
+labels it keeps for backward are stored in the smallest integer type that
+holds every class and the ignore index (uint8 for up to 255 classes with
+ignore_index 255): 1 byte per pixel instead of int64's 8.
+
+With ``logits_in_8bit`` (Mesa on the heads, :class:`MesaEncoderDecoder`) the
+logits are kept as Mesa keeps activations: 8-bit codes, one range per pixel
+anchored at its top score (:func:`~mesa_seg.mesa.quantizer.pack_softmax_input`);
+at 512², batch 2, 150 classes that is 20 MiB of fp32 logits down to 5 MiB. The
+loss, accuracy and forward stay exact; the gradient is computed from the
+dequantized logits (and the exact log-sum-exp), like every Mesa layer's.
 """
 from __future__ import annotations
 
@@ -23,6 +29,10 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch.autograd import Function
+
+from ..mesa.audit import mark_compressed
+from ..mesa.primitives import dequantize
+from ..mesa.quantizer import pack_softmax_input
 
 __all__ = ['resize_cross_entropy', 'fused_loss_supported', 'FusedLossHeadMixin']
 
@@ -105,7 +115,8 @@ def _image_forward(logits_i, label_i, size, align_corners, ignore_index, with_pr
 
 class _ResizeCrossEntropy(Function):
     @staticmethod
-    def forward(ctx, logits, label, align_corners, ignore_index, avg_factor, with_pred):
+    def forward(ctx, logits, label, align_corners, ignore_index, avg_factor, with_pred,
+                logits_in_8bit):
         size = tuple(label.shape[-2:])
         total, lses, preds = 0.0, [], []
         with torch.no_grad():
@@ -121,8 +132,9 @@ class _ResizeCrossEntropy(Function):
         stored = label.to(_label_storage_dtype(logits.shape[1], ignore_index, label.dtype))
         # The log-sum-exp (one float per pixel, 1/K of the scores) spares backward
         # a second pass over the classes.
-        ctx.save_for_backward(logits, stored, torch.cat(lses))
-        ctx.meta = (size, align_corners, ignore_index, avg_factor, label.dtype)
+        ctx.save_for_backward(stored, torch.cat(lses), *_kept_logits(logits, logits_in_8bit))
+        ctx.meta = (size, align_corners, ignore_index, avg_factor, label.dtype, logits.shape,
+                    logits.dtype)
         # The predictions come from the same upsampled logits (accuracy needs no
         # second upsampling pass); they carry no gradient.
         pred = torch.cat(preds) if with_pred else label.new_empty(0)
@@ -131,10 +143,10 @@ class _ResizeCrossEntropy(Function):
 
     @staticmethod
     def backward(ctx, grad, _grad_pred):
-        logits, stored, lse = ctx.saved_tensors
-        size, align_corners, ignore_index, avg_factor, label_dtype = ctx.meta
-        grad_logits = torch.empty_like(logits)
-        for i in range(logits.shape[0]):
+        stored, lse, *kept = ctx.saved_tensors
+        size, align_corners, ignore_index, avg_factor, label_dtype, shape, dtype = ctx.meta
+        grad_logits = torch.empty(shape, dtype=dtype, device=lse.device)
+        for i in range(shape[0]):
             # d(-log_softmax[label]) / dz = softmax - onehot(label), zero where
             # ignored, scaled by the incoming gradient; then the adjoint of the
             # upsampling, one class block at a time (classes are independent).
@@ -143,19 +155,39 @@ class _ResizeCrossEntropy(Function):
             index = torch.where(valid, label_i, 0).unsqueeze(1)
             weight = (valid * (grad / avg_factor)).unsqueeze(1).float()
             lse_i = lse[i:i + 1].unsqueeze(1)
-            for start, stop in _class_blocks(logits.shape[1], size[0] * size[1]):
-                block = logits[i:i + 1, start:stop]
+            for start, stop in _class_blocks(shape[1], size[0] * size[1]):
+                block = _logits_block(kept, i, start, stop, shape, dtype)
                 g = _upsample(block, size, align_corners).sub_(lse_i).exp_().mul_(weight)
                 inside, offset = _block_index(index, start, stop)
                 g.scatter_add_(1, offset, torch.where(inside, -weight, 0.0))
                 grad_logits[i:i + 1, start:stop] = torch.ops.aten.upsample_bilinear2d_backward(
-                    g.to(logits.dtype), list(size), list(block.shape), align_corners)
-        return grad_logits, None, None, None, None, None
+                    g.to(dtype), list(size), list(block.shape), align_corners)
+        return grad_logits, None, None, None, None, None, None
+
+
+def _kept_logits(logits: torch.Tensor, in_8bit: bool) -> Tuple[torch.Tensor, ...]:
+    """What backward keeps of the logits: the tensor, or per image 8-bit codes
+    ``(K, h*w, 1)`` with per-pixel ranges, stacked over the batch."""
+    if not in_8bit:
+        return (logits,)
+    kept = tuple(torch.stack(parts) for parts in
+                 zip(*(pack_softmax_input(image) for image in logits)))
+    mark_compressed(*kept)
+    return kept
+
+
+def _logits_block(kept, i: int, start: int, stop: int, shape, dtype) -> torch.Tensor:
+    """Classes ``start:stop`` of image ``i`` as a ``(1, k, h, w)`` tensor."""
+    if len(kept) == 1:
+        return kept[0][i:i + 1, start:stop]
+    codes, lo, rng = (t[i] for t in kept)
+    # Codes are grouped by pixel along dim 1: a class slice keeps the ranges.
+    return dequantize(codes[start:stop], lo, rng, dtype).view(1, stop - start, *shape[2:])
 
 
 def resize_cross_entropy(logits: torch.Tensor, label: torch.Tensor, align_corners: bool = False,
                          ignore_index: int = 255, avg_non_ignore: bool = False,
-                         return_pred: bool = False):
+                         return_pred: bool = False, logits_in_8bit: bool = False):
     """``mean(CE(bilinear_resize(logits, label.shape), label))`` as mmseg computes it.
 
     Args:
@@ -167,6 +199,9 @@ def resize_cross_entropy(logits: torch.Tensor, label: torch.Tensor, align_corner
             mmseg's default). Default: False.
         return_pred (bool): also return the ``(B, H, W)`` argmax of the
             upsampled logits (for accuracy). Default: False.
+        logits_in_8bit (bool): keep the logits for backward as Mesa's 8-bit
+            codes (see the module docstring): the loss and ``pred`` are
+            unchanged, the gradient approximate. Default: False.
 
     Returns:
         Tensor: scalar loss; ``(loss, pred)`` with ``return_pred``.
@@ -178,7 +213,7 @@ def resize_cross_entropy(logits: torch.Tensor, label: torch.Tensor, align_corner
     # As mmseg's weight_reduce_loss: sum / (avg_factor + eps).
     avg_factor += torch.finfo(torch.float32).eps
     loss, pred = _ResizeCrossEntropy.apply(logits, label, align_corners, ignore_index,
-                                           avg_factor, return_pred)
+                                           avg_factor, return_pred, logits_in_8bit)
     return (loss, pred) if return_pred else loss
 
 
@@ -214,8 +249,12 @@ class FusedLossHeadMixin:
     """Replaces a decode head's ``loss_by_feat`` with the fused, exact version.
 
     Same loss names and values (``loss_ce``, ``acc_seg``) as mmseg's
-    ``BaseDecodeHead.loss_by_feat`` for plain cross-entropy losses.
+    ``BaseDecodeHead.loss_by_feat`` for plain cross-entropy losses. A head
+    whose ``logits_in_8bit`` is True (set by :class:`MesaEncoderDecoder` when
+    Mesa is on) keeps its logits for backward in 8 bits.
     """
+
+    logits_in_8bit = False
 
     def loss_by_feat(self, seg_logits, batch_data_samples) -> dict:
         seg_label = self._stack_batch_gt(batch_data_samples).squeeze(1)
@@ -225,7 +264,8 @@ class FusedLossHeadMixin:
         for loss_decode in losses:
             value = resize_cross_entropy(seg_logits, seg_label, self.align_corners,
                                          self.ignore_index, loss_decode.avg_non_ignore,
-                                         return_pred=pred is None)
+                                         return_pred=pred is None,
+                                         logits_in_8bit=self.logits_in_8bit)
             if pred is None:
                 value, pred = value
             value = loss_decode.loss_weight * value

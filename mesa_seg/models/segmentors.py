@@ -4,7 +4,8 @@ The backbone carries its own ``mesa`` policy (``MesaSwinTransformer``,
 ``MesaPVT``...). This segmentor applies a second policy to everything after
 it — neck, decode head, auxiliary heads (their Conv2d/BN/ReLU hold about as
 much activation memory as a Swin-T backbone) — and, with ``fused_loss``,
-computes the losses with the exact low-memory :func:`resize_cross_entropy`.
+computes the losses with the low-memory :func:`resize_cross_entropy`, which
+under Mesa keeps its logits in 8 bits too (``mesa_loss``).
 
 ``backbone_mesa`` puts Mesa on any other mmseg backbone from the config, with
 no class to write: the built backbone's torch layers are converted in place
@@ -198,11 +199,16 @@ class MesaEncoderDecoder(EncoderDecoder):
             fused resize + cross-entropy, which keeps only the low-resolution
             logits for backward. Heads with other losses keep mmseg's path (one
             log line says why). Default: True.
+        mesa_loss (bool): with ``mesa`` enabled and ``fused_loss``, the fused
+            loss keeps those logits in 8 bits (one range per pixel, its top
+            score exact; :func:`~mesa_seg.models.losses.resize_cross_entropy`):
+            the loss value stays exact, its gradient is Mesa's approximation.
+            False keeps them in fp32 (the exact loss gradient). Default: True.
         **kwargs: the arguments of ``EncoderDecoder``.
     """
 
     def __init__(self, *args, mesa: Optional[dict] = None, fused_loss: bool = True,
-                 backbone_mesa: Optional[dict] = None, **kwargs):
+                 mesa_loss: bool = True, backbone_mesa: Optional[dict] = None, **kwargs):
         super().__init__(*args, **kwargs)
         distributed = is_distributed()
         if backbone_mesa is not None:
@@ -231,6 +237,7 @@ class MesaEncoderDecoder(EncoderDecoder):
                 reason = fused_loss_supported(head)
                 if reason is None:
                     _with_fused_loss(head)
+                    head.logits_in_8bit = policy.enabled and mesa_loss
                 else:
                     print_log(f'Mesa: {type(head).__name__} keeps the unfused loss: '
                               f'{reason}', logger='current')
