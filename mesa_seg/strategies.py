@@ -33,12 +33,13 @@ from typing import Dict, List, Optional, Tuple, Union
 from .errors import UsageError
 
 __all__ = [
-    'Strategy', 'STRATEGIES', 'LOSS_FUSED', 'LOSS_MMSEG', 'get_strategy',
+    'Strategy', 'STRATEGIES', 'LOSS_FUSED', 'LOSS_FUSED_8BIT', 'LOSS_MMSEG', 'get_strategy',
     'apply_strategy', 'describe', 'strategy_table', 'add_strategy_argument'
 ]
 
 #: How a result names the loss its heads computed (see ``mesa_seg.memory``).
 LOSS_FUSED = 'fused resize + CE'
+LOSS_FUSED_8BIT = 'fused resize + CE, logits kept in 8 bits (Mesa)'
 LOSS_MMSEG = "mmseg's CE (upsample, then CE)"
 
 Checkpointing = Union[bool, str]
@@ -53,7 +54,8 @@ class Strategy:
         description (str): one line: what it includes.
         mesa (bool): Mesa 8-bit activations in the backbone (its Mesa class,
             ``mesa=dict()``) and in the neck and heads (``MesaEncoderDecoder``
-            with ``mesa=dict()``), with the fused loss.
+            with ``mesa=dict()``), with the fused loss, which then keeps its
+            logits in 8 bits too.
         fused_loss (bool): the exact fused resize + cross-entropy
             (``MesaEncoderDecoder``); implied by ``mesa``.
         amp (bool): mixed precision (``AmpOptimWrapper``, dynamic loss scale;
@@ -77,6 +79,8 @@ class Strategy:
 
     @property
     def loss(self) -> str:
+        if self.mesa:
+            return LOSS_FUSED_8BIT
         return LOSS_FUSED if self.fused_loss else LOSS_MMSEG
 
     @property
@@ -85,7 +89,8 @@ class Strategy:
 
     @property
     def activations(self) -> str:
-        return 'Mesa 8-bit (backbone, neck, heads)' if self.mesa else 'full precision'
+        return 'Mesa 8-bit (backbone, neck, heads, loss logits)' if self.mesa \
+            else 'full precision'
 
     @property
     def checkpointing_label(self) -> str:
@@ -111,7 +116,8 @@ STRATEGIES: Dict[str, Strategy] = _strategies(
     Strategy('sac', 'selective activation checkpointing of the backbone blocks '
              "(with_cp='selective': matmul/conv outputs kept), mmseg's loss",
              checkpointing='selective'),
-    Strategy('mesa', 'Mesa 8-bit activations in backbone, neck and heads + fused loss',
+    Strategy('mesa', "Mesa 8-bit activations in backbone, neck, heads and the loss's logits "
+             '+ fused loss',
              mesa=True, fused_loss=True),
     Strategy('mesa_amp', 'mesa + mixed precision', mesa=True, fused_loss=True, amp=True),
     Strategy('mesa_cp', 'mesa + activation checkpointing of every backbone block',

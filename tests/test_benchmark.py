@@ -97,7 +97,7 @@ def test_leaderboard_json_and_markdown(tmp_path):
     assert doc['failed'] == 1
 
     md = (tmp_path / 'leaderboard.md').read_text()
-    assert "- Mesa's own saving (mesa vs fused_loss, same loss): activation 0.27×, " \
+    assert "- Mesa's own saving (mesa vs fused_loss, same loss function): activation 0.27×, " \
         'peak 0.67×, step time 1.20×' in md
     assert '- mesa vs cp: peak 0.80×, step time 0.96×' in md
     assert '`mesa`, `fused_loss`' in md

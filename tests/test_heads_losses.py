@@ -164,6 +164,84 @@ def test_labels_saved_compact_with_loss_and_gradient_unchanged(monkeypatch, num_
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
 
 
+# ---------------------------------------------------- 8-bit logits (under Mesa)
+def _trained_logits(dtype=torch.float32):
+    """Logits like a trained model's: wide per-pixel ranges, most pixels
+    confident of their label, where the loss gradient is the sum of tiny
+    softmax weights (what a saturating 8-bit range would get wrong)."""
+    torch.manual_seed(3)
+    label = _labels()
+    low = F.interpolate(label[:, None].float(), size=(SIZE // 4, SIZE // 4),
+                        mode='nearest')[:, 0].long()
+    onehot = F.one_hot(torch.where(low == IGNORE, 0, low), NUM_CLASSES).permute(0, 3, 1, 2)
+    logits = torch.randn(2, NUM_CLASSES, SIZE // 4, SIZE // 4) * 6 + 20 * onehot
+    return logits.to(dtype), label
+
+
+def _fused_grad(logits, label, logits_in_8bit):
+    x = logits.clone().requires_grad_()
+    loss, pred = resize_cross_entropy(x, label, ignore_index=IGNORE, return_pred=True,
+                                      logits_in_8bit=logits_in_8bit)
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss, pred, grad
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_8bit_logits_keep_loss_and_pred_exact_and_gradient_close(dtype):
+    logits, label = _trained_logits(dtype)
+    loss, pred, grad = _fused_grad(logits, label, False)
+    loss8, pred8, grad8 = _fused_grad(logits, label, True)
+    # The forward never sees the codes: loss and accuracy bit for bit.
+    assert torch.equal(loss8, loss) and torch.equal(pred8, pred)
+    assert grad8.dtype == grad.dtype == dtype
+    # One range per pixel with its top score exact: a few 1e-3 of relative
+    # error; a range that let the low scores saturate would be far off here.
+    rel = ((grad8.double() - grad.double()).norm() / grad.double().norm()).item()
+    assert 0 < rel < (0.02 if dtype == torch.float32 else 0.05)
+    assert _cosine(grad8, grad) >= 0.9998
+
+
+def _saved(logits, label, logits_in_8bit):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = logits.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        resize_cross_entropy(x, label, ignore_index=IGNORE, logits_in_8bit=logits_in_8bit)
+    return saved
+
+
+def test_8bit_logits_save_codes_not_the_logits():
+    logits, label = _trained_logits()
+    exact, codes = _saved(logits, label, False), _saved(logits, label, True)
+    nbytes = lambda ts: sum(t.untyped_storage().nbytes() for t in ts)  # noqa: E731
+    assert any(t.shape == logits.shape and t.dtype == torch.float32 for t in exact)
+    assert not any(t.is_floating_point() and t.shape == logits.shape for t in codes)
+    q = [t for t in codes if t.dtype == torch.uint8 and t.numel() == logits.numel()]
+    assert len(q) == 1  # labels are uint8 too, at full resolution
+    # fp32 logits (4 bytes each) became codes (1 byte) plus two floats a pixel
+    pixels = logits.numel() // NUM_CLASSES
+    assert nbytes(exact) - nbytes(codes) == 3 * logits.numel() - 2 * 4 * pixels
+
+
+def test_audit_counts_the_loss_codes_as_compressed_and_its_lse_not():
+    logits, label = _trained_logits()
+    conv = torch.nn.Conv2d(NUM_CLASSES, NUM_CLASSES, 1)
+    records = audit_saved_tensors(conv, forward_fn=lambda: resize_cross_entropy(
+        conv(logits), label, ignore_index=IGNORE, logits_in_8bit=True))
+    compressed = sorted((r.dtype, r.shape) for r in records if r.compressed)
+    pixels = (SIZE // 4) ** 2
+    assert compressed == [('float32', (2, pixels)), ('float32', (2, pixels)),
+                          ('uint8', (2, NUM_CLASSES, pixels, 1))]
+    # the conv's fp32 input, the labels and the full-resolution log-sum-exp
+    assert sorted((r.dtype, r.shape) for r in records if not r.compressed) == [
+        ('float32', tuple(logits.shape)), ('float32', (2, SIZE, SIZE)),
+        ('uint8', (2, SIZE, SIZE))]
+
+
 def test_accuracy_from_pred_matches_mmseg_accuracy():
     torch.manual_seed(1)
     scores = torch.randn(2, NUM_CLASSES, SIZE, SIZE)
@@ -249,6 +327,24 @@ def test_mesa_heads_match_fp32_losses_and_gradients():
         part_ref = torch.cat([v.flatten() for k, v in ref_grads.items() if k.startswith(part)])
         part_mesa = torch.cat([v.flatten() for k, v in mesa_grads.items() if k.startswith(part)])
         assert _cosine(part_mesa, part_ref) >= 0.995, part
+
+
+@pytest.mark.parametrize('mesa, mesa_loss, in_8bit', [
+    (dict(groups='channels'), True, True),
+    (dict(groups='channels'), False, False),
+    (None, True, False),
+    (dict(enabled=False), True, False),
+])
+def test_fused_loss_keeps_logits_in_8bit_only_under_mesa(mesa, mesa_loss, in_8bit):
+    model = MODELS.build(dict(_segmentor_cfg(mesa=mesa), mesa_loss=mesa_loss))
+    assert model.decode_head.logits_in_8bit is model.auxiliary_head.logits_in_8bit is in_8bit
+    imgs, samples = _batch()
+    records = audit_saved_tensors(model, forward_fn=lambda: model.loss(imgs, samples))
+    # per head: (batch, classes, pixels, 1) codes, UPerHead's at 1/4, FCNHead's at 1/16
+    codes = [r.shape for r in records if r.dtype == 'uint8' and len(r.shape) == 4
+             and r.shape[1] == NUM_CLASSES and r.shape[-1] == 1]
+    assert codes == ([(2, NUM_CLASSES, (SIZE // 4) ** 2, 1),
+                      (2, NUM_CLASSES, (SIZE // 16) ** 2, 1)] if in_8bit else [])
 
 
 def test_mesa_heads_reduce_saved_bytes():

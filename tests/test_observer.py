@@ -6,7 +6,8 @@ import torch.distributed as dist
 from mesa_seg.mesa import (ActivationQuantizer, MesaGELU, MesaLinear, QuantizerConfig,
                            RunningRange)
 from mesa_seg.mesa.primitives import QMAX, group_view
-from mesa_utils import eager_by_default  # noqa: F401  (fixture)
+from mesa_seg.mesa.quantizer import pack_softmax_input
+from mesa_utils import backend, eager_by_default  # noqa: F401  (fixtures)
 
 NAN = float('nan')
 
@@ -286,3 +287,27 @@ def test_sync_all_reduces_batch_statistics(single_rank_group, monkeypatch, sync)
     # Min of minima and max of maxima: every rank ends with the global range.
     assert calls == ([dist.ReduceOp.MIN, dist.ReduceOp.MAX] if sync else [])
     assert torch.equal(obs.running_min, x.amin((0, 2)))
+
+
+# ------------------------------------------------------- softmax inputs (loss)
+def test_softmax_input_codes_keep_each_positions_top_and_bottom_score(backend):
+    torch.manual_seed(0)
+    scores = torch.randn(150, 6, 5) * 8
+    scores[:, 0, 0] = float('nan')  # one position's scores are not finite
+    packed = pack_softmax_input(scores)
+    assert packed.q.dtype == torch.uint8 and packed.q.shape == (150, 30, 1)
+    assert packed.lo.shape == packed.rng.shape == (30, )
+    restored = ActivationQuantizer.unpack(packed, scores.shape, torch.float32)
+    assert restored.shape == scores.shape
+    assert torch.isnan(restored[:, 0, 0]).all()  # never a plausible finite value
+    ok = torch.ones(6, 5, dtype=torch.bool)
+    ok[0, 0] = False
+    x, x_hat = scores[:, ok], restored[:, ok]
+    # Each position its own range: nothing saturates, the top score (the one
+    # the softmax weighs most) and the bottom one come back exactly.
+    torch.testing.assert_close(x_hat.amax(0), x.amax(0), rtol=0, atol=1e-5)
+    torch.testing.assert_close(x_hat.amin(0), x.amin(0), rtol=0, atol=1e-5)
+    # Round to nearest: at most half a step of that position's own range.
+    half_step = (x.amax(0) - x.amin(0)) / 255 / 2
+    assert ((x_hat - x).abs() <= half_step * (1 + 1e-4) + 1e-6).all()
+    assert ((x_hat - x).abs() > half_step / 4).any()  # it is lossy: 8 bits, not a copy

@@ -230,7 +230,8 @@ def test_errors_name_the_valid_choices():
 def test_describe_and_table():
     assert describe('mesa_cp') == dict(
         description='mesa + activation checkpointing of every backbone block',
-        loss='fused resize + CE', activations='Mesa 8-bit (backbone, neck, heads)',
+        loss='fused resize + CE, logits kept in 8 bits (Mesa)',
+        activations='Mesa 8-bit (backbone, neck, heads, loss logits)',
         checkpointing='every backbone block', precision='fp32')
     assert describe('amp')['loss'] == LOSS_MMSEG == "mmseg's CE (upsample, then CE)"
     assert describe('fused_loss')['loss'] == LOSS_FUSED == 'fused resize + CE'

@@ -224,10 +224,10 @@ def summary_lines(summary: Dict) -> List[str]:
     own, cp = summary['mesa_vs_fused_loss'], summary['mesa_vs_cp']
     lines = []
     if own is None:
-        lines.append("- Mesa's own saving (mesa vs fused_loss, same loss): not measured "
+        lines.append("- Mesa's own saving (mesa vs fused_loss, same loss function): not measured "
                      '(needs both cells)')
     else:
-        lines.append(f"- Mesa's own saving (mesa vs fused_loss, same loss): activation "
+        lines.append(f"- Mesa's own saving (mesa vs fused_loss, same loss function): activation "
                      f"{_x(own['activation'])}, peak {_x(own['peak'])}, step time "
                      f"{_x(own['step_time'])}")
     if cp is None:

@@ -9,7 +9,8 @@ Each config is measured in a fresh process (:mod:`.worker`); the report goes to
 ``OUT/report.{md,json,png}`` and each process's log to ``OUT/logs/``.
 ``--strategy`` / ``--baseline-strategy`` apply a :mod:`mesa_seg.strategies`
 strategy to the measured configs / the baseline, e.g. ``mesa`` against
-``fused_loss`` on the same config: Mesa's own saving, with the same loss.
+``fused_loss`` on the same config: Mesa's own saving, with the same loss function
+(Mesa also keeps its logits in 8 bits).
 """
 from __future__ import annotations
 

@@ -495,20 +495,19 @@ def progress_units(spec: RunSpec) -> int:
 
 
 def _loss_label(model: nn.Module) -> str:
-    """Which loss the heads compute: the fused resize + CE or mmseg's."""
+    """Which loss the heads compute: the fused resize + CE (its logits kept in
+    8 bits or not) or mmseg's."""
     from ..models.losses import FusedLossHeadMixin
-    from ..strategies import LOSS_FUSED, LOSS_MMSEG
+    from ..strategies import LOSS_FUSED, LOSS_FUSED_8BIT, LOSS_MMSEG
     heads = [model.decode_head]
     aux = getattr(model, 'auxiliary_head', None)
     if aux is not None:
         heads += list(aux) if isinstance(aux, nn.ModuleList) else [aux]
-    fused = [isinstance(h, FusedLossHeadMixin) for h in heads]
-    if all(fused):
-        return LOSS_FUSED
-    if not any(fused):
-        return LOSS_MMSEG
-    return f'{LOSS_FUSED} (decode head), {LOSS_MMSEG} (others)' if fused[0] else \
-        f'{LOSS_MMSEG} (decode head), {LOSS_FUSED} (others)'
+    labels = [LOSS_MMSEG if not isinstance(h, FusedLossHeadMixin)
+              else LOSS_FUSED_8BIT if h.logits_in_8bit else LOSS_FUSED for h in heads]
+    if len(set(labels)) == 1:
+        return labels[0]
+    return f'{labels[0]} (decode head), {", ".join(sorted(set(labels[1:])))} (others)'
 
 
 def _checkpointing(model: nn.Module):

@@ -237,11 +237,12 @@ def write_markdown(report: Dict, path: str) -> None:
         '',
         "- **loss, checkpointing, precision**: read from each built model: "
         "'fused resize + CE' = the exact fused resize + cross-entropy (only the "
-        "low-resolution logits kept for backward), \"mmseg's CE\" = mmseg's "
-        'upsample-then-cross-entropy; checkpointing of the backbone blocks '
+        "low-resolution logits kept for backward; under Mesa kept in 8 bits, so "
+        "the loss is exact and its gradient Mesa's approximation), \"mmseg's CE\" = "
+        "mmseg's upsample-then-cross-entropy; checkpointing of the backbone blocks "
         '(`with_cp`); the optimizer wrapper\'s precision. A comparison changes one '
         'thing: to see what Mesa itself saves, measure against a baseline with the '
-        'same loss (`--strategy mesa --baseline-strategy fused_loss`);',
+        'same loss function (`--strategy mesa --baseline-strategy fused_loss`);',
         f'- **peak training memory**: {peak_how};',
         '- **activation memory**: bytes autograd keeps for backward at the end of the '
         'forward + loss (unique storages, parameters excluded, '
