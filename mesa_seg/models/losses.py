@@ -1,4 +1,5 @@
-"""Exact, memory-light segmentation loss: fused "resize + cross-entropy".
+"""Exact, memory-light segmentation loss: fused "resize + cross-entropy"
+(under Mesa with 8-bit logits for backward).
 
 mmseg upsamples the ¼-resolution logits to label size, then ``F.cross_entropy``
 saves the full-resolution log-probabilities for backward: for ADE20K (150
@@ -17,7 +18,8 @@ ignore_index 255): 1 byte per pixel instead of int64's 8.
 
 With ``logits_in_8bit`` (Mesa on the heads, :class:`MesaEncoderDecoder`) the
 logits are kept as Mesa keeps activations: 8-bit codes, one range per pixel
-anchored at its top score (:func:`~mesa_seg.mesa.quantizer.pack_softmax_input`);
+(its scores' min to max, so the top score is exact;
+:func:`~mesa_seg.mesa.quantizer.pack_softmax_input`);
 at 512², batch 2, 150 classes that is 20 MiB of fp32 logits down to 5 MiB. The
 loss, accuracy and forward stay exact; the gradient is computed from the
 dequantized logits (and the exact log-sum-exp), like every Mesa layer's.
@@ -246,7 +248,7 @@ def fused_loss_supported(head) -> Optional[str]:
 
 
 class FusedLossHeadMixin:
-    """Replaces a decode head's ``loss_by_feat`` with the fused, exact version.
+    """Replaces a decode head's ``loss_by_feat`` with the fused one.
 
     Same loss names and values (``loss_ce``, ``acc_seg``) as mmseg's
     ``BaseDecodeHead.loss_by_feat`` for plain cross-entropy losses. A head
