@@ -337,7 +337,7 @@ def test_benchmark_end_to_end(tmp_path):
         assert osp.isfile(r['log'])
     assert rows['fp32']['reference'] is True
     assert rows['fp32']['loss'] == rows['cp']['loss'] == "mmseg's CE (upsample, then CE)"
-    assert rows['mesa']['loss'] == 'fused resize + CE'
+    assert rows['mesa']['loss'] == 'fused resize + CE, logits kept in 8 bits (Mesa)'
     assert (rows['cp']['checkpointing'], rows['mesa']['checkpointing']) == (True, False)
     # measured, not assumed: checkpointing and Mesa keep the forward exact
     for s in ('cp', 'mesa'):
@@ -354,7 +354,7 @@ def test_benchmark_end_to_end(tmp_path):
     assert os.path.getsize(osp.join(out, 'pareto_tiny_upernet_swin.png')) > 10_000
     md = open(osp.join(out, 'leaderboard.md')).read()
     assert doc['command'] in md and "Mesa's own saving" in md
-    assert '| `mesa` | fused resize + CE |' in run.stdout  # the table is printed
+    assert '| `mesa` | fused resize + CE, logits kept in 8 bits (Mesa) |' in run.stdout  # the table is printed
 
 
 TINY_RESNET = """_base_ = [{tiny!r}]

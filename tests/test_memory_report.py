@@ -275,7 +275,7 @@ def test_report_files_and_figures(report):
     assert base['model']['mesa_layers'] == 0 < mesa['model']['mesa_layers']
     # honest labels, read from the built models
     assert base['model']['loss'] == "mmseg's CE (upsample, then CE)"
-    assert mesa['model']['loss'] == 'fused resize + CE'
+    assert mesa['model']['loss'] == 'fused resize + CE, logits kept in 8 bits (Mesa)'
     for r in (base, mesa):
         assert r['model']['checkpointing'] is False and r['model']['precision'] == 'fp32'
     assert rep['environment']['cpu_count'] == os.cpu_count()
@@ -296,7 +296,7 @@ def test_report_files_and_figures(report):
     assert rep['command'] in md and 'tiny_swin_mesa' in md and '| loss |' in md
     assert 'tiny_swin (baseline)' in stdout
     assert "| tiny_swin (baseline) | mmseg's CE (upsample, then CE) | none | fp32 |" in stdout
-    assert '| tiny_swin_mesa | fused resize + CE | none | fp32 |' in md
+    assert '| tiny_swin_mesa | fused resize + CE, logits kept in 8 bits (Mesa) | none | fp32 |' in md
 
 
 @pytest.mark.slow
@@ -323,13 +323,19 @@ def test_batch_sweep(report):
         assert sweep['max_batch'] == max(fits)
         if sweep['exact']:
             assert peaks[sweep['max_batch'] + 1] > budget
-    # each probe ran in a fresh process; together they lie on one line (a fixed
-    # part plus the same bytes per image), so the measurements are consistent
+    # Each probe ran in a fresh process. Where the peak is stays put for FP32
+    # (the end of the forward): its probes lie on one line, a fixed part plus
+    # the same bytes per image. Mesa's peak moves as the batch grows (the loss's
+    # backward at 2 images, its forward at 11, the bottleneck conv's forward at
+    # 24): the maximum of several such lines, so its slopes never decrease.
     for r in (base, mesa):
         pts = sorted((int(b), p) for b, p in r['sweep']['peaks'].items() if p is not None)
         assert len(pts) >= 2, r['name']
         slopes = [(p1 - p0) / (b1 - b0) for (b0, p0), (b1, p1) in zip(pts, pts[1:])]
-        assert 0 < min(slopes) and max(slopes) <= 1.05 * min(slopes), (r['name'], slopes)
+        assert min(slopes) > 0, (r['name'], slopes)
+        if r is base:
+            assert max(slopes) <= 1.05 * min(slopes), (r['name'], slopes)
+        assert all(b >= 0.95 * a for a, b in zip(slopes, slopes[1:])), (r['name'], slopes)
     # FP32 peaks at the end of the forward pass: its fixed part is what is
     # resident at a step's start (weights, optimizer state), measured apart
     (b0, p0), (b1, p1) = sorted((int(b), p) for b, p in base['sweep']['peaks'].items())[:2]
