@@ -129,4 +129,5 @@ def pack_softmax_input(scores: torch.Tensor) -> Packed:
     """
     x3 = scores.reshape(scores.shape[0], -1, 1)  # (classes, positions, 1)
     lo, hi = batch_min_max(x3)
-    return Packed(quantize(x3, lo, hi - lo), lo, hi - lo)
+    rng = hi - lo
+    return Packed(quantize(x3, lo, rng), lo, rng)
