@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import mesa_seg.register  # noqa: F401  (compat fixes + registration before mmseg is imported)
 from mmengine.structures import PixelData
@@ -14,9 +15,11 @@ from mmseg.utils import register_all_modules
 
 from mesa_seg.mesa import (QUANTIZER_ATTRS, MesaBatchNorm2d, MesaConv2d, MesaModule,
                            MesaSyncBatchNorm, audit_saved_tensors)
+from mesa_seg.memory.measure import _loss_label
 from mesa_seg.memory.meters import CPUAllocatorTrace
 from mesa_seg.models import losses as fused_losses
 from mesa_seg.models.losses import _accuracy_from_pred, resize_cross_entropy
+from mesa_seg.strategies import LOSS_FUSED, LOSS_FUSED_8BIT
 
 register_all_modules(init_default_scope=True)
 
@@ -345,6 +348,27 @@ def test_fused_loss_keeps_logits_in_8bit_only_under_mesa(mesa, mesa_loss, in_8bi
              and r.shape[1] == NUM_CLASSES and r.shape[-1] == 1]
     assert codes == ([(2, NUM_CLASSES, (SIZE // 4) ** 2, 1),
                       (2, NUM_CLASSES, (SIZE // 16) ** 2, 1)] if in_8bit else [])
+
+
+def test_every_auxiliary_head_of_a_list_gets_the_fused_8bit_loss():
+    # mmseg builds a list of auxiliary heads as an nn.ModuleList
+    cfg = _segmentor_cfg(mesa=dict(groups='channels'))
+    aux = cfg['auxiliary_head']
+    cfg['auxiliary_head'] = [aux, dict(aux, in_index=3, in_channels=256)]
+    model = MODELS.build(cfg)
+    assert [type(h).__name__ for h in model.auxiliary_head] == ['FusedLossFCNHead'] * 2
+    assert all(h.logits_in_8bit for h in model.auxiliary_head)
+    assert _loss_label(model) == LOSS_FUSED_8BIT
+    aux_0, aux_1 = model.auxiliary_head
+    aux_1.logits_in_8bit = False  # the report then names each head's loss
+    assert _loss_label(model) == (f'decode head: {LOSS_FUSED_8BIT}; '
+                                  f'auxiliary head 0: {LOSS_FUSED_8BIT}; '
+                                  f'auxiliary head 1: {LOSS_FUSED}')
+    model.auxiliary_head = model.auxiliary_head[1]
+    assert _loss_label(model) == f'decode head: {LOSS_FUSED_8BIT}; auxiliary head: {LOSS_FUSED}'
+    model.auxiliary_head = nn.ModuleList([aux_0, aux_1])
+    losses, _ = _loss_and_grads(model, *_batch())
+    assert {'aux_0.loss_ce', 'aux_1.loss_ce'} <= losses.keys()
 
 
 def test_mesa_heads_reduce_saved_bytes():

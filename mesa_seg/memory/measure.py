@@ -496,18 +496,18 @@ def progress_units(spec: RunSpec) -> int:
 
 def _loss_label(model: nn.Module) -> str:
     """Which loss the heads compute: the fused resize + CE (its logits kept in
-    8 bits or not) or mmseg's."""
+    8 bits or not) or mmseg's; named per head when they differ."""
     from ..models.losses import FusedLossHeadMixin
+    from ..models.segmentors import loss_heads
     from ..strategies import LOSS_FUSED, LOSS_FUSED_8BIT, LOSS_MMSEG
-    heads = [model.decode_head]
-    aux = getattr(model, 'auxiliary_head', None)
-    if aux is not None:
-        heads += list(aux) if isinstance(aux, nn.ModuleList) else [aux]
     labels = [LOSS_MMSEG if not isinstance(h, FusedLossHeadMixin)
-              else LOSS_FUSED_8BIT if h.logits_in_8bit else LOSS_FUSED for h in heads]
+              else LOSS_FUSED_8BIT if h.logits_in_8bit else LOSS_FUSED
+              for h in loss_heads(model)]
     if len(set(labels)) == 1:
         return labels[0]
-    return f'{labels[0]} (decode head), {", ".join(sorted(set(labels[1:])))} (others)'
+    names = ['decode head'] + (['auxiliary head'] if len(labels) == 2 else
+                               [f'auxiliary head {i}' for i in range(len(labels) - 1)])
+    return '; '.join(f'{name}: {label}' for name, label in zip(names, labels))
 
 
 def _checkpointing(model: nn.Module):

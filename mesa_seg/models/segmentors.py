@@ -20,7 +20,7 @@ should be preferred.
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 from mmengine.dist import get_dist_info
@@ -38,7 +38,8 @@ from .torch_layers import mmcv_to_torch_layers_
 
 __all__ = [
     'MesaEncoderDecoder', 'HEAD_MESA_DEFAULTS', 'check_finite_loss',
-    'convert_sync_bn_to_bn2d', 'apply_backbone_mesa_', 'sync_bn_wrappers_to_torch_'
+    'convert_sync_bn_to_bn2d', 'apply_backbone_mesa_', 'sync_bn_wrappers_to_torch_',
+    'loss_heads'
 ]
 
 # Conv heads: per-channel ranges (BatchNorm's per-channel statistics over few
@@ -48,6 +49,16 @@ __all__ = [
 HEAD_MESA_DEFAULTS = dict(groups='channels', widen_to_batch=True)
 
 _FUSED_CLASSES: Dict[type, type] = {}
+
+
+def loss_heads(segmentor: nn.Module) -> List[nn.Module]:
+    """The heads that compute a loss: the decode head, then the auxiliary
+    head(s) (mmseg builds a list of them as an ``nn.ModuleList``)."""
+    heads = [segmentor.decode_head]
+    aux = getattr(segmentor, 'auxiliary_head', None)
+    if aux is not None:
+        heads += list(aux) if isinstance(aux, nn.ModuleList) else [aux]
+    return heads
 
 
 def _with_fused_loss(head: nn.Module) -> None:
@@ -229,11 +240,7 @@ class MesaEncoderDecoder(EncoderDecoder):
                           'full precision: the head Mesa policy (layers/include/exclude) '
                           'does not select them.', logger='current')
         if fused_loss:
-            heads = [self.decode_head]
-            aux = getattr(self, 'auxiliary_head', None)
-            if aux is not None:
-                heads += list(aux) if isinstance(aux, nn.ModuleList) else [aux]
-            for head in heads:
+            for head in loss_heads(self):
                 reason = fused_loss_supported(head)
                 if reason is None:
                     _with_fused_loss(head)
