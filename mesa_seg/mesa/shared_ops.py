@@ -44,8 +44,8 @@ from torch.autograd import Function
 
 from .modules import MesaConv2d, MesaGELU, MesaLinear, MesaMatMul, MesaModule, MesaSoftmax
 from .ops import (_NOT_SAVED, _autocast_copy, _cast, _channel_blocks, _compute_dtype,
-                  _conv_backward_channels, _load, _no_autocast, _pack_if, _save,
-                  _unpack_channels)
+                  _conv_backward_channels, _linear_input_grad, _load, _no_autocast,
+                  _pack_if, _save, _unpack_channels)
 from .quantizer import ActivationQuantizer, Packed
 
 __all__ = [
@@ -188,7 +188,7 @@ class _GELULinear(Function):
         if has_bias and need_b:
             gb = gy2.sum(0).to(weight.dtype)
         if need_h:
-            ga = gy.matmul(_cast(weight, dtype)).to(a_dtype)
+            ga = _linear_input_grad(gy, _cast(weight, dtype), gy2).to(a_dtype)
             gh = torch.ops.aten.gelu_backward(ga, h_hat, approximate=approximate)
         return gh, gw, gb, None, None
 
@@ -305,7 +305,7 @@ class _Linears(Function):
             gy = gy.to(dt)
             w = ws[j].to(dt)
             if need[s]:
-                gx = gy.matmul(w)
+                gx = _linear_input_grad(gy, w)
                 gxs[s] = gx if gxs[s] is None else gxs[s] + gx
             if need[n_in + j]:
                 if (s, dt) not in x_hats:
