@@ -268,8 +268,16 @@ class _Linears(Function):
     def forward(ctx, src, quantizers, *tensors):
         n_in, n_out = len(quantizers), len(src)
         xs, ws, bs = tensors[:n_in], tensors[n_in:n_in + n_out], tensors[n_in + n_out:]
-        # Autocast stays on: each F.linear casts exactly as in torch's own forward.
-        ys = [F.linear(xs[s], w, b) for s, w, b in zip(src, ws, bs)]
+        # As ops.linear: cast as autocast would, the weight's copy keeping
+        # requires_grad (with autocast left on, its copy made here without grad
+        # sent mmcv's (L, B, C) inputs to a bmm over the weight expanded per
+        # sample, 35x slower in bf16 on CPU, other bits than torch's forward).
+        ys = []
+        for s, w, b in zip(src, ws, bs):
+            dtype = _compute_dtype(xs[s], 'lower')
+            with _no_autocast(xs[s]):
+                ys.append(F.linear(_cast(xs[s], dtype), _autocast_copy(w, dtype),
+                                   _autocast_copy(b, dtype)))
         need_w = ctx.needs_input_grad[2 + n_in:2 + n_in + n_out]
         saved, meta = [], []
         for i, (x, quantizer) in enumerate(zip(xs, quantizers)):
