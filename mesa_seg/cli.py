@@ -18,6 +18,7 @@ Argument parsing and error printing live here; building the Runner is
 :mod:`mesa_seg.runner`.
 """
 import argparse
+import gc
 import os
 import os.path as osp
 import sys
@@ -72,6 +73,11 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
 def _finish() -> None:
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
+        # The runner's DDP reducer keeps the gloo group (and its worker
+        # threads) alive past destroy_process_group; left to interpreter
+        # teardown, a rank could abort after a finished run ("terminate called
+        # without an active exception"). The runner is garbage by now: free it.
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -88,6 +94,7 @@ def _run(main, argv: Optional[List[str]]) -> int:
         sys.stderr.write(f'{prog}: {kind}: {where}{e}\n')
         sys.stderr.flush()
         if isinstance(e, (NonFiniteLossError, CheckpointSaveError, Preempted)):
+            e.__traceback__ = None  # its frames hold the runner (see _finish)
             _finish()  # every rank stops here: they agreed on it
         return exit_code(e)
     return 0
